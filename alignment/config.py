@@ -1,0 +1,282 @@
+"""One experiment, one YAML file: every parameter of a run, validated.
+
+An unknown key or a bad value is an error that names the key and the file. Command-line overrides use
+dotted keys (``sft.max_steps=20``); their values are parsed as YAML (``search.k=[32,64]`` is a list).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with the file and the key that are wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="Model to align: a registry name (see `alignment models list`), a Hugging Face id or a local path.",
+    )
+    chat_template: str | None = Field(
+        None, description="Path to a .jinja chat template that replaces the model's own (for models without one)."
+    )
+
+
+class DataConfig(_Strict):
+    sft: list[str] = Field(default_factory=list, description="Instruction data: files, globs or directories.")
+    sft_format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    preferences: list[str] = Field(default_factory=list, description="Preference pairs: files, globs or directories.")
+    preferences_format: Literal["auto", "pairs", "hh_rlhf"] = "auto"
+    eval_prompts: str | None = Field(None, description="Eval prompt set (JSON/JSONL; Vicuna, Koala, ... or messages).")
+    max_eval_prompts: int | None = Field(None, ge=1, description="Use only the first N eval prompts.")
+
+    @field_validator("sft", "preferences", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class SelectConfig(_Strict):
+    k: int = Field(1000, ge=1, description="Number of rows to select.")
+    score: Literal["length"] = Field("length", description="Scorer (Long Is More: response length).")
+    length_unit: Literal["tokens", "words", "chars"] = Field(
+        "tokens", description="Length unit; tokens are counted with the trained model's tokenizer."
+    )
+    allow_fewer: bool = Field(False, description="If the pool has fewer than k valid rows, keep them all instead of failing.")
+    batch_size: int = Field(1024, ge=1, description="Rows per Ray Data batch.")
+
+
+class SFTConfig(_Strict):
+    max_steps: int = Field(100, ge=1)
+    save_steps: int | None = Field(None, ge=1, description="Save (and keep) a checkpoint every N steps.")
+    save_at: list[int] | None = Field(None, description="Or save at exactly these steps; the last step is always saved.")
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16)
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only.")
+    save_only_model: bool = Field(
+        False, description="Checkpoints without optimizer state: smaller and faster, but a killed run cannot resume them."
+    )
+    logging_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _save_schedule(self) -> "SFTConfig":
+        if self.save_at is not None:
+            bad = [s for s in self.save_at if s < 1 or s > self.max_steps]
+            if bad:
+                raise ValueError(f"save_at steps {bad} are outside 1..max_steps={self.max_steps}")
+        return self
+
+    def checkpoint_steps(self) -> list[int]:
+        """Every step at which a checkpoint is saved; the last step always is."""
+        if self.save_at is not None:
+            steps = set(self.save_at)
+        elif self.save_steps is not None:
+            steps = set(range(self.save_steps, self.max_steps + 1, self.save_steps))
+        else:
+            steps = set()
+        return sorted(steps | {self.max_steps})
+
+
+# The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
+class PrefConfig(_Strict):
+    method: Literal["dpo"] = Field("dpo", description="Preference method (TRL's DPOTrainer).")
+    loss_type: str = Field("sigmoid", description="DPO loss type as TRL names it (sigmoid = DPO, ipo = IPO, ...).")
+    beta: float = Field(0.1, gt=0)
+    start_from: Literal["sft", "base"] = Field(
+        "sft",
+        description="sft: from a saved SFT checkpoint (scenario 1); base: from model.base itself, "
+        "a pretrained or an instruction-tuned model (scenarios 2 and 3).",
+    )
+    sft_step: int | Literal["last"] = Field("last", description="Which saved SFT step DPO starts from.")
+    max_steps: int = Field(50, ge=1)
+    learning_rate: float = Field(5e-7, gt=0)
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    per_device_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16)
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
+    logging_steps: int = Field(1, ge=1)
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        if v not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss_type {v!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+        return v
+
+
+class GenerateConfig(_Strict):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding one copy of the model.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class JudgeConfig(_Strict):
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: a model through the generation backend; openai: an OpenAI-compatible endpoint."
+    )
+    model: str = Field("smollm2-135m-instruct", description="Local judge model, or the endpoint's model name.")
+    api_base_env: str = Field("OPENAI_BASE_URL", description="Environment variable holding the endpoint URL.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
+    rule: Literal["strict", "sum"] = Field("strict", description="How the two orders combine (REFERENCE.md section 2).")
+    max_new_tokens: int = Field(64, ge=1)
+    baseline: str | None = Field(
+        None, description="Model whose answers the trained model is compared with; default: model.base."
+    )
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class SearchConfig(_Strict):
+    k: list[int] | None = Field(None, description="Selection sizes to try; default: [select.k].")
+    sft_step: list[int | Literal["last"]] | None = Field(None, description="SFT steps DPO starts from; default: [pref.sft_step].")
+    metric: Literal["win_rate", "score"] = Field(
+        "win_rate", description="win_rate: wins / valid prompts; score: (wins + ties/2) / valid prompts."
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(x < 1 for x in v)):
+            raise ValueError("search.k must be a non-empty list of positive integers")
+        return v
+
+
+class ResourcesConfig(_Strict):
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join; default: RAY_ADDRESS, or else an embedded local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded local Ray (default: all).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    storage_path: str | None = Field(
+        None, description="Where Ray Train persists checkpoints (local path or cloud URI); default: the run directory."
+    )
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    run_dir: str = Field("runs/experiment", description="Outputs and manifests of every stage go here.")
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    pref: PrefConfig = Field(default_factory=PrefConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    # Where the YAML came from; relative data paths resolve against the current directory.
+    source: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        steps = self.sft.checkpoint_steps()
+        for s in [self.pref.sft_step, *(self.search.sft_step or [])]:
+            if self.pref.start_from == "sft" and s != "last" and s not in steps:
+                raise ValueError(
+                    f"SFT step {s} is never saved; saved steps are {steps} (set sft.save_steps or sft.save_at)"
+                )
+        return self
+
+    def search_grid(self) -> tuple[list[int], list[int | str]]:
+        ks = self.search.k or [self.select.k]
+        steps = self.search.sft_step or [self.pref.sft_step]
+        return ks, steps
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for key in keys[:-1]:
+        nxt = cur.get(key)
+        if nxt is None:
+            nxt = cur[key] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. sft.max_steps=20)")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = [f"invalid config {where}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment, apply ``key.path=value`` overrides, validate.
+
+    Raises ConfigError naming the file and every bad key.
+    """
+    raw: dict[str, Any] = {}
+    where = "(defaults)"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    pairs = parse_overrides(overrides or [])
+    for key, value in pairs:
+        _set_dotted(raw, key, value)
+    if pairs:
+        where += " with overrides " + " ".join(overrides or [])
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, where)) from None
+    cfg.source = str(path) if path is not None else None
+    return cfg
+
+
+def config_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain JSON-able dict of a config section (for manifests and fingerprints)."""
+    return cfg.model_dump(mode="json")

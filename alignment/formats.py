@@ -1,0 +1,442 @@
+"""Instruction, preference and eval-prompt data: reading files and normalising rows to one schema.
+
+Every normalised row carries ``id`` (the input's own id where it has one, else ``<file name>:<row>``),
+``source`` (the file) and ``row`` (0-based index in the file), so each selected row traces back to its
+source. A row that cannot be normalised raises :class:`RowError` naming the field; readers turn that
+into a set-aside record instead of dropping the row.
+
+Pure Python and pyarrow: no Ray here. The select stage maps :func:`read_shard` over shards in Ray Data.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SFT_FORMATS = ("alpaca", "sharegpt", "messages")
+PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
+
+_ROLE_MAP = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "bing": "assistant", "model": "assistant",
+    "system": "system",
+}
+_ID_KEYS = ("id", "question_id", "idx", "prompt_id")
+
+
+class DataError(ValueError):
+    """A file or a source that cannot be read at all (missing, unknown format)."""
+
+
+class RowError(ValueError):
+    """A row that cannot be normalised; ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def expand_paths(patterns: list[str]) -> list[str]:
+    """Files from paths, globs and directories (sorted, deduplicated); a pattern matching nothing is an error."""
+    if not patterns:
+        raise DataError("no data files given")
+    out: list[str] = []
+    for pat in patterns:
+        if "://" in pat:
+            out.append(pat)
+            continue
+        p = Path(pat)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and file_kind(str(f), strict=False))
+            if not found:
+                raise DataError(f"directory {pat} holds no .json, .jsonl or .parquet files")
+            out.extend(found)
+        elif any(c in pat for c in "*?["):
+            found = sorted(glob.glob(pat, recursive=True))
+            if not found:
+                raise DataError(f"glob {pat} matched no files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise DataError(f"data file not found: {pat}")
+    seen: set[str] = set()
+    return [f for f in out if not (f in seen or seen.add(f))]
+
+
+def file_kind(path: str, strict: bool = True) -> str | None:
+    """'jsonl', 'json' or 'parquet' from the file name (``.gz`` allowed for JSON)."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for ext, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet")):
+        if name.endswith(ext):
+            return kind
+    if strict:
+        raise DataError(f"{path}: unknown file type (expected .jsonl, .json, .parquet, optionally .gz for JSON)")
+    return None
+
+
+def _open_bytes(path: str):
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        f = fs.open_input_stream(p)
+        return gzip.open(f) if path.endswith(".gz") else f
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A slice of one file: rows ``[start, stop)`` (JSONL lines, JSON array items or Parquet rows)."""
+
+    path: str
+    kind: str
+    start: int
+    stop: int | None  # None: to the end
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "start": self.start, "stop": -1 if self.stop is None else self.stop}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Shard":
+        stop = int(d["stop"])
+        return Shard(str(d["path"]), str(d["kind"]), int(d["start"]), None if stop < 0 else stop)
+
+
+def plan_shards(paths: list[str], rows_per_shard: int = 50_000) -> list[Shard]:
+    """Split files into shards read in parallel. JSONL and Parquet split by row; a JSON array is one shard."""
+    shards: list[Shard] = []
+    for path in paths:
+        kind = file_kind(path)
+        if kind == "jsonl":
+            with _open_bytes(path) as f:
+                n = sum(1 for _ in f)
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            n = pq.ParquetFile(path).metadata.num_rows
+        else:
+            shards.append(Shard(path, kind, 0, None))
+            continue
+        for start in range(0, max(n, 1), rows_per_shard):
+            shards.append(Shard(path, kind, start, min(start + rows_per_shard, n)))
+    return shards
+
+
+class BadJSON:
+    """Stands in for a row whose text is not valid JSON."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def iter_raw(shard: Shard) -> Iterator[tuple[int, Any]]:
+    """(row index, parsed row or BadJSON) for every row of a shard."""
+    if shard.kind == "jsonl":
+        with _open_bytes(shard.path) as f:
+            for i, line in enumerate(f):
+                if i < shard.start:
+                    continue
+                if shard.stop is not None and i >= shard.stop:
+                    break
+                if not line.strip():
+                    yield i, BadJSON("empty line")
+                    continue
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, BadJSON(f"malformed JSON: {e}")
+    elif shard.kind == "json":
+        with _open_bytes(shard.path) as f:
+            try:
+                data = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{shard.path}: not valid JSON ({e}); JSON Lines files should end in .jsonl") from e
+        if isinstance(data, dict):
+            # {"data": [...]} and similar wrappers hold exactly one list.
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{shard.path}: expected a JSON array of rows (or an object holding one list)")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{shard.path}: expected a JSON array of rows, got {type(data).__name__}")
+        stop = len(data) if shard.stop is None else shard.stop
+        for i in range(shard.start, min(stop, len(data))):
+            yield i, data[i]
+    elif shard.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(shard.path)
+        i = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            rows = batch.to_pylist()
+            for r in rows:
+                if i >= shard.start and (shard.stop is None or i < shard.stop):
+                    yield i, r
+                i += 1
+            if shard.stop is not None and i >= shard.stop:
+                break
+    else:  # pragma: no cover - plan_shards only makes the kinds above
+        raise DataError(f"{shard.path}: unknown kind {shard.kind}")
+
+
+def row_id(row: dict[str, Any], source: str, index: int) -> str:
+    for key in _ID_KEYS:
+        v = row.get(key)
+        if v is not None and str(v) != "":
+            return str(v)
+    return f"{os.path.basename(source)}:{index}"
+
+
+# ------------------------------------------------------------------------------------ instruction rows
+
+
+def detect_sft_format(row: dict[str, Any]) -> str:
+    if "conversations" in row:
+        return "sharegpt"
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row and ("output" in row or "response" in row):
+        return "alpaca"
+    raise RowError("(format)", f"cannot tell the format from the fields {sorted(row)[:10]}; set data.sft_format")
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise RowError(field, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(field, "empty or whitespace-only text")
+    return value
+
+
+def _check_turns(messages: list[dict[str, str]], field: str) -> list[dict[str, str]]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(field, "no assistant turn")
+    if messages[-1]["role"] != "assistant":
+        raise RowError(f"{field}[{len(messages) - 1}]", "the conversation ends with a user turn that has no response")
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i != 0:
+            raise RowError(f"{field}[{i}]", "a system turn is only allowed first")
+    return messages
+
+
+def _turns(items: Any, field: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+    if not isinstance(items, list) or not items:
+        raise RowError(field, "expected a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(items):
+        if not isinstance(turn, dict):
+            raise RowError(f"{field}[{i}]", f"expected an object, got {type(turn).__name__}")
+        if role_key not in turn:
+            raise RowError(f"{field}[{i}].{role_key}", "missing")
+        role = _ROLE_MAP.get(str(turn[role_key]).lower())
+        if role is None:
+            raise RowError(f"{field}[{i}].{role_key}", f"unknown role {turn[role_key]!r}")
+        if content_key not in turn:
+            raise RowError(f"{field}[{i}].{content_key}", "missing")
+        out.append({"role": role, "content": _text(turn[content_key], f"{field}[{i}].{content_key}")})
+    return out
+
+
+def normalise_sft(row: Any, fmt: str = "auto") -> list[dict[str, str]]:
+    """Messages ``[{role, content}, ...]`` of one instruction row, or RowError."""
+    if not isinstance(row, dict):
+        raise RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
+    if fmt == "auto":
+        fmt = detect_sft_format(row)
+    if fmt == "sharegpt":
+        if "conversations" not in row:
+            raise RowError("conversations", "missing")
+        return _check_turns(_turns(row["conversations"], "conversations", "from", "value"), "conversations")
+    if fmt == "messages":
+        if "messages" not in row:
+            raise RowError("messages", "missing")
+        return _check_turns(_turns(row["messages"], "messages", "role", "content"), "messages")
+    if fmt == "alpaca":
+        if "instruction" not in row:
+            raise RowError("instruction", "missing")
+        out_key = "output" if "output" in row else "response"
+        if out_key not in row:
+            raise RowError("output", "missing")
+        instruction = _text(row["instruction"], "instruction")
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise RowError("input", f"expected a string, got {type(extra).__name__}")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = []
+        if isinstance(row.get("system"), str) and row["system"].strip():
+            messages.append({"role": "system", "content": row["system"]})
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row[out_key], out_key)}]
+        return messages
+    raise DataError(f"unknown instruction format {fmt!r}; choose auto or one of {', '.join(SFT_FORMATS)}")
+
+
+# ------------------------------------------------------------------------------------- preference rows
+
+
+def _parse_hh(transcript: Any, field: str) -> list[dict[str, str]]:
+    """``\\n\\nHuman: ... \\n\\nAssistant: ...`` into messages."""
+    if not isinstance(transcript, str):
+        raise RowError(field, f"expected a transcript string, got {type(transcript).__name__}")
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant):", transcript)
+    if parts[0].strip():
+        raise RowError(field, "text before the first '\\n\\nHuman:' turn")
+    messages = []
+    for speaker, text in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": text.strip()})
+    if not messages:
+        raise RowError(field, "no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    return messages
+
+
+def _as_messages(value: Any, field: str, default_role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": _text(value, field)}]
+    return _turns(value, field, "role", "content")
+
+
+def detect_preference_format(row: dict[str, Any]) -> str:
+    if "chosen" in row and "rejected" in row:
+        if "prompt" not in row and isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:
+            return "hh_rlhf"
+        return "pairs"
+    raise RowError("(format)", f"cannot tell the format from the fields {sorted(row)[:10]}; set data.preferences_format")
+
+
+def normalise_preference(row: Any, fmt: str = "auto") -> dict[str, Any]:
+    """``{prompt: messages, chosen: str, rejected: str}`` of one preference row, or RowError."""
+    if not isinstance(row, dict):
+        raise RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
+    if fmt == "auto":
+        fmt = detect_preference_format(row)
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise RowError(key, "missing")
+    if fmt == "hh_rlhf":
+        chosen = _parse_hh(row["chosen"], "chosen")
+        rejected = _parse_hh(row["rejected"], "rejected")
+        for name, conv in (("chosen", chosen), ("rejected", rejected)):
+            if conv[-1]["role"] != "assistant":
+                raise RowError(name, "the transcript does not end with an Assistant turn")
+            if not conv[-1]["content"]:
+                raise RowError(name, "the final Assistant turn is empty")
+        if chosen[:-1] != rejected[:-1]:
+            raise RowError("rejected", "chosen and rejected transcripts differ before their final Assistant turn")
+        prompt = chosen[:-1]
+        if not prompt or prompt[-1]["role"] != "user":
+            raise RowError("chosen", "no Human turn before the final Assistant turn")
+        return {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+    if fmt == "pairs":
+        chosen = _as_messages(row["chosen"], "chosen", "assistant")
+        rejected = _as_messages(row["rejected"], "rejected", "assistant")
+        if "prompt" in row:
+            prompt = _as_messages(row["prompt"], "prompt", "user")
+            # UltraFeedback-style: chosen/rejected repeat the prompt before the answer.
+            if chosen[:-1] == prompt and rejected[:-1] == prompt:
+                chosen, rejected = chosen[-1:], rejected[-1:]
+        else:  # implicit prompt: the shared prefix of chosen and rejected
+            if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+                raise RowError("prompt", "missing, and chosen/rejected do not share a prompt prefix")
+            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        for name, conv in (("chosen", chosen), ("rejected", rejected)):
+            if len(conv) != 1 or conv[0]["role"] != "assistant":
+                raise RowError(name, "expected one assistant answer")
+        if prompt[-1]["role"] != "user":
+            raise RowError("prompt", "the prompt must end with a user turn")
+        return {"prompt": prompt, "chosen": chosen[0]["content"], "rejected": rejected[0]["content"]}
+    raise DataError(f"unknown preference format {fmt!r}; choose auto or one of {', '.join(PREFERENCE_FORMATS)}")
+
+
+# ----------------------------------------------------------------------------------------- eval prompts
+
+
+def normalise_eval_prompt(row: Any) -> list[dict[str, str]]:
+    """The first user turn of an eval prompt (Vicuna, Koala, Self-Instruct, WizardLM, LIMA, MT-Bench, AlpacaEval)."""
+    if not isinstance(row, dict):
+        raise RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = _turns(row["messages"], "messages", "role", "content")
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs or msgs[-1]["role"] != "user":
+            raise RowError("messages", "no user turn to answer")
+        return msgs
+    for key in ("text", "prompt", "Instruction", "instruction"):
+        if key in row:
+            text = _text(row[key], key)
+            instances = row.get("instances")
+            if key == "instruction" and isinstance(instances, list) and instances:
+                extra = instances[0].get("input") if isinstance(instances[0], dict) else None
+                if isinstance(extra, str) and extra.strip():
+                    text = f"{text}\n\n{extra}"
+            elif key == "instruction" and isinstance(row.get("input"), str) and row["input"].strip():
+                text = f"{text}\n\n{row['input']}"
+            return [{"role": "user", "content": text}]
+    for key in ("turns", "conversations"):
+        if key in row:
+            turns = row[key]
+            if not isinstance(turns, list) or not turns:
+                raise RowError(key, "expected a non-empty list")
+            return [{"role": "user", "content": _text(turns[0], f"{key}[0]")}]
+    raise RowError("(format)", f"no prompt field among {sorted(row)[:10]}")
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def read_shard(shard: Shard, kind: str, fmt: str = "auto") -> Iterator[dict[str, Any]]:
+    """Normalised rows of a shard. ``kind`` is 'sft', 'preference' or 'eval'.
+
+    Good rows: ``{id, source, row, ...payload, error: None}``; bad rows: ``{id, source, row, field, error}``.
+    """
+    normalise = {
+        "sft": lambda r, f: {"messages": normalise_sft(r, f)},
+        "preference": normalise_preference,
+        "eval": lambda r, f: {"messages": normalise_eval_prompt(r)},
+    }[kind]
+    for index, raw in iter_raw(shard):
+        base = {"source": shard.path, "row": index}
+        if isinstance(raw, BadJSON):
+            yield {**base, "id": f"{os.path.basename(shard.path)}:{index}", "field": "(json)", "error": raw.message}
+            continue
+        rid = row_id(raw, shard.path, index) if isinstance(raw, dict) else f"{os.path.basename(shard.path)}:{index}"
+        try:
+            payload = normalise(raw, fmt)
+        except RowError as e:
+            yield {**base, "id": rid, "field": e.field, "error": e.reason}
+            continue
+        yield {**base, "id": rid, **payload, "field": None, "error": None}
+
+
+def read_rows(patterns: list[str] | str, kind: str, fmt: str = "auto") -> tuple[list[dict], list[dict]]:
+    """All rows of small inputs, in-process: (good rows, set-aside rows)."""
+    paths = expand_paths([patterns] if isinstance(patterns, str) else patterns)
+    good: list[dict] = []
+    bad: list[dict] = []
+    for shard in plan_shards(paths):
+        for r in read_shard(shard, kind, fmt):
+            (bad if r["error"] else good).append(r)
+    for r in good:
+        r.pop("error"), r.pop("field")
+    return good, bad
+
+
+def assistant_texts(messages: list[dict[str, str]]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "assistant"]

