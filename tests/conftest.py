@@ -1,0 +1,110 @@
+"""Shared fixtures: one local Ray for the whole session, a tiny random Llama, paths to ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+WORDS = ("the a model answer question data learn align prefer chosen rejected helpful honest harmless short long "
+         "python code write explain list three ways improve sleep time stress health water tree river city "
+         "because however therefore example first second finally yes no maybe please thank you").split()
+
+
+def shared(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is not available")
+    return p
+
+
+def make_tiny_model(target: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama with a BPE tokenizer trained here, ChatML tokens and SmolLM2's chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from alignment.models import SMOLLM2_CHAT_TEMPLATE
+
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(400)]
+    corpus += ["0 1 2 3 4 5 6 7 8 9 10 Assistant Score: [Question] [The Start of Assistant 1's Answer]"] * 5
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast.chat_template = SMOLLM2_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = fast.pad_token_id
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    fast.save_pretrained(target)
+    return target
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One embedded local Ray for every test that needs it (startup costs seconds)."""
+    import ray
+
+    from alignment.ray_env import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def sft_rows() -> list[dict]:
+    rng = random.Random(1)
+    rows = []
+    for i in range(24):
+        q = " ".join(rng.choice(WORDS) for _ in range(6))
+        a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
+        rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return rows
+
+
+@pytest.fixture()
+def pref_pairs() -> list[dict]:
+    rng = random.Random(2)
+    pairs = []
+    for i in range(16):
+        q = " ".join(rng.choice(WORDS) for _ in range(6))
+        pairs.append({"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+                      "chosen": "helpful honest answer " + " ".join(rng.choice(WORDS) for _ in range(5)),
+                      "rejected": "no " + " ".join(rng.choice(WORDS) for _ in range(5))})
+    return pairs
