@@ -144,6 +144,10 @@ class JudgeConfig(_Strict):
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
     rule: Literal["strict", "sum"] = Field("strict", description="How the two orders combine (REFERENCE.md section 2).")
     max_new_tokens: int = Field(64, ge=1)
+    format_example: bool = Field(
+        False, description="Show the judge one worked exchange before each comparison (helps small local judges "
+        "keep the two-scores format; watch the order-disagreement rate).",
+    )
     baseline: str | None = Field(
         None, description="Model whose answers the trained model is compared with; default: model.base."
     )
@@ -176,6 +180,7 @@ class ResourcesConfig(_Strict):
     storage_path: str | None = Field(
         None, description="Where Ray Train persists checkpoints (local path or cloud URI); default: the run directory."
     )
+    cpus_per_trial: float = Field(0.5, ge=0, description="CPUs a search trial's driver holds (its stages ask for their own).")
     max_concurrent_trials: int = Field(1, ge=1)
 
 
@@ -274,6 +279,34 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     except ValidationError as e:
         raise ConfigError(_format_errors(e, where)) from None
     cfg.source = str(path) if path is not None else None
+    return absolute_paths(cfg)
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Relative paths resolve against the directory the command runs in, once, here: Ray Tune trials and
+    Ray Train workers run in other directories."""
+    d = cfg.data
+    d.sft = [_abs(p) for p in d.sft]
+    d.preferences = [_abs(p) for p in d.preferences]
+    if d.eval_prompts:
+        d.eval_prompts = _abs(d.eval_prompts)
+    cfg.run_dir = _abs(cfg.run_dir)
+    for section, key in ((cfg.model, "base"), (cfg.judge, "model"), (cfg.judge, "baseline")):
+        value = getattr(section, key)
+        if value and _looks_local(value):
+            setattr(section, key, _abs(value))
+    if cfg.model.chat_template:
+        cfg.model.chat_template = _abs(cfg.model.chat_template)
+    if cfg.resources.storage_path:
+        cfg.resources.storage_path = _abs(cfg.resources.storage_path)
     return cfg
 
 

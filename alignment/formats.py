@@ -313,8 +313,9 @@ def _as_messages(value: Any, field: str, default_role: str) -> list[dict[str, st
 
 
 def detect_preference_format(row: dict[str, Any]) -> str:
-    if "chosen" in row and "rejected" in row:
-        if "prompt" not in row and isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:
+    if "chosen" in row or "rejected" in row:
+        sample = row.get("chosen", row.get("rejected"))
+        if "prompt" not in row and isinstance(sample, str) and "\n\nHuman:" in sample:
             return "hh_rlhf"
         return "pairs"
     raise RowError("(format)", f"cannot tell the format from the fields {sorted(row)[:10]}; set data.preferences_format")
@@ -401,11 +402,31 @@ def normalise_eval_prompt(row: Any) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------------- reading
 
 
+def detect_format(shard: Shard, kind: str, max_rows: int = 1000) -> str:
+    """The format of a shard's first recognisable row ('auto' if none is), so that every later row is
+    checked against that format and a bad row's error names its missing field."""
+    detect = {"sft": detect_sft_format, "preference": detect_preference_format}.get(kind)
+    if detect is None:
+        return "auto"
+    for i, (_, raw) in enumerate(iter_raw(shard)):
+        if i >= max_rows:
+            break
+        if isinstance(raw, dict):
+            try:
+                return detect(raw)
+            except RowError:
+                continue
+    return "auto"
+
+
 def read_shard(shard: Shard, kind: str, fmt: str = "auto") -> Iterator[dict[str, Any]]:
     """Normalised rows of a shard. ``kind`` is 'sft', 'preference' or 'eval'.
 
     Good rows: ``{id, source, row, ...payload, error: None}``; bad rows: ``{id, source, row, field, error}``.
+    With ``fmt='auto'`` the format is detected once per shard (see :func:`detect_format`).
     """
+    if fmt == "auto":
+        fmt = detect_format(shard, kind)
     normalise = {
         "sft": lambda r, f: {"messages": normalise_sft(r, f)},
         "preference": normalise_preference,

@@ -1,0 +1,138 @@
+"""``alignment``: run an experiment, or one stage of it, from one YAML config.
+
+Every stage command runs the stages it needs first; finished stages (same config and inputs) are skipped.
+Overrides follow the config file: ``alignment run --config configs/quickstart.yaml sft.max_steps=20``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+STAGES = {
+    "select": "score the instruction data and keep the top k rows (select.k)",
+    "sft": "supervised fine-tuning on the selected rows, keeping a checkpoint every sft.save_steps",
+    "pref": "preference tuning (pref.method) from the SFT checkpoint pref.sft_step, or from the model itself",
+    "generate": "answers of the trained model and of the baseline to the eval prompts",
+    "judge": "pairwise judgement of the trained model against the baseline, in both orders",
+    "search": "Ray Tune grid over search.k x search.sft_step, each trial a full pipeline run",
+    "report": "Markdown/HTML report with a plot, from the search results",
+    "run": "the whole experiment: search (every stage per trial), then the report",
+}
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    keep = ("stage", "label", "dir", "status", "skipped", "counts", "outputs")
+    out = {k: manifest[k] for k in keep if k in manifest}
+    if manifest.get("stage") == "judge":
+        out["metrics"] = manifest["metrics"]
+    return out
+
+
+def _stage(name: str, cfg) -> Any:
+    from . import pipeline as p
+    from .ray_env import ensure_ray
+
+    ensure_ray(cfg.resources.ray_address, cfg.resources.num_cpus)
+    if name == "select":
+        return _summary(p.select_stage(cfg))
+    if name == "sft":
+        return _summary(p.sft_stage(cfg))
+    if name == "pref":
+        return _summary(p.pref_stage(cfg))
+    if name in ("generate", "judge"):
+        model, label = p.trained_model(cfg)
+        target = p.generate_stage(cfg, model, label)
+        base = p.generate_stage(cfg, p.baseline_model(cfg), "baseline")
+        if name == "generate":
+            return [_summary(target), _summary(base)]
+        return _summary(p.judge_stage(cfg, target, base))
+    if name == "search":
+        from . import search
+
+        results, timings = search.run_search(cfg, p.run_point)
+        path = p.write_search_results(cfg, results, timings)
+        failed = [r for r in results if r.get("error")]
+        if failed:
+            raise p.PipelineError(f"{len(failed)} of {len(results)} search trials failed; results in {path}")
+        return {"results": results, "written": str(path)}
+    if name == "report":
+        return p.report_only(cfg)
+    if name == "run":
+        out = p.run_experiment(cfg)
+        return {"report": out["report"], "results": out["results"]}
+    raise SystemExit(f"unknown stage {name}")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from . import models
+
+    if args.models_cmd == "list":
+        for name, (desc, _) in models.REGISTRY.items():
+            target = models.cache_dir() / "models" / name
+            state = "prepared" if (target / "config.json").is_file() else "not prepared"
+            print(f"{name}\t{desc}\t{state}\t{target}")
+        return 0
+    path = models.prepare(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignment",
+        description="Data-efficient alignment on Ray: select -> SFT -> preference tuning -> generate -> judge, "
+        "searched over k and the SFT step. Outputs and manifests go to run_dir; finished stages are skipped.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in STAGES.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text + ". Stages it needs run first.")
+        sp.add_argument("--config", "-c", required=True, help="experiment YAML (see configs/quickstart.yaml)")
+        sp.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="config overrides, values parsed as YAML (e.g. sft.max_steps=20 search.k=[64,128])")
+    mp = sub.add_parser("models", help="prepare and list the named offline models")
+    msub = mp.add_subparsers(dest="models_cmd", required=True)
+    prep = msub.add_parser("prepare", help="build the named model's Hugging Face checkpoint in the cache (once)")
+    prep.add_argument("name", help="registry name, e.g. smollm2-135m-instruct")
+    prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    msub.add_parser("list", help="named models and where they are cached")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .config import ConfigError
+    from .formats import DataError
+    from .generate import GenerationError
+    from .models import ModelError
+    from .pipeline import PipelineError
+    from .select import SelectError
+
+    try:
+        if args.command == "models":
+            return _models(args)
+        from .config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        _print(_stage(args.command, cfg))
+        return 0
+    except (ConfigError, DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (PipelineError, SelectError, GenerationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The judge stage: pairwise comparison of two models' answers, in both orders (REFERENCE.md section 2).
+
+The judge scores two answers 1-10 on the first line of its output; it is asked twice, with the target
+model's answer first and then second. The two orders combine by one of two rules, named in every report:
+
+- ``strict`` (the Long-Is-More paper, FastChat's MT-Bench pairwise rule): a win if the target is preferred in
+  both orders, a loss if the other is preferred in both, a tie otherwise;
+- ``sum`` (Long-Is-More's released code): each order gives +1 / 0 / -1; a sum >= 1 wins, <= -1 loses, 0 ties.
+
+A judgement whose first line does not hold two scores is counted as unparsed, never guessed; a prompt
+with an unparsed order is left out of the rates and counted as invalid.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# The pairwise prompt of the Vicuna evaluation, as used by Long Is More: two scores on the first line.
+PAIR_PROMPT = (
+    "[Question]\n{question}\n\n"
+    "[The Start of Assistant 1's Answer]\n{answer_1}\n[The End of Assistant 1's Answer]\n\n"
+    "[The Start of Assistant 2's Answer]\n{answer_2}\n[The End of Assistant 2's Answer]\n\n"
+    "[System]\n"
+    "We would like to request your feedback on the performance of two AI assistants in response to the user "
+    "question displayed above.\n"
+    "Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each assistant "
+    "receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance.\n"
+    "Please first output a single line containing only two values indicating the scores for Assistant 1 and 2, "
+    "respectively. The two scores are separated by a space. In the subsequent line, please provide a comprehensive "
+    "explanation of your evaluation, avoiding any potential bias and ensuring that the order in which the responses "
+    "were presented does not affect your judgment."
+)
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+
+_NUMBER = r"(10(?:\.0+)?|[1-9](?:\.\d+)?)"
+_SCORES = re.compile(rf"^\s*(?:scores?\s*[:=]?\s*)?{_NUMBER}\s*(?:,|\s|/10\s*,?|and)\s*{_NUMBER}(?:/10)?\s*$",
+                     re.IGNORECASE)
+
+
+# One worked exchange that shows the output format; small local judges copy formats from it.
+FORMAT_EXAMPLE = [
+    {"role": "user", "content": PAIR_PROMPT.format(question="Name a primary color.", answer_1="Red is a primary color.",
+                                                   answer_2="Dogs are animals.")},
+    {"role": "assistant", "content": "9 2\nAssistant 1 answers the question; Assistant 2 does not."},
+]
+
+
+def pair_messages(question: str, answer_1: str, answer_2: str, format_example: bool = False) -> list[dict[str, str]]:
+    shot = FORMAT_EXAMPLE if format_example else []
+    return [{"role": "system", "content": JUDGE_SYSTEM}, *shot,
+            {"role": "user", "content": PAIR_PROMPT.format(question=question, answer_1=answer_1, answer_2=answer_2)}]
+
+
+def parse_scores(text: str) -> tuple[float, float] | None:
+    """The two scores on the first non-empty line (``8 7``, ``8, 7``, ``Scores: 8/10 7/10``), else None."""
+    for line in text.splitlines():
+        if line.strip():
+            m = _SCORES.match(line.strip().strip("*").strip())
+            return (float(m.group(1)), float(m.group(2))) if m else None
+    return None
+
+
+def build_requests(questions: list[dict], target: dict[str, str], baseline: dict[str, str],
+                   format_example: bool = False) -> list[dict]:
+    """Two judge requests per question: ``order`` 1 puts the target first, ``order`` 2 second."""
+    reqs = []
+    for q in questions:
+        text = q["messages"][-1]["content"]
+        t, b = target[q["id"]], baseline[q["id"]]
+        for order, (a1, a2) in ((1, (t, b)), (2, (b, t))):
+            reqs.append({"id": f"{q['id']}|{order}", "qid": q["id"], "order": order,
+                         "messages": pair_messages(text, a1, a2, format_example)})
+    return reqs
+
+
+def order_outcome(scores: tuple[float, float], order: int) -> int:
+    """+1 if the target scored higher in this order, -1 if lower, 0 if equal."""
+    target, other = (scores[0], scores[1]) if order == 1 else (scores[1], scores[0])
+    return (target > other) - (target < other)
+
+
+def combine(o1: int, o2: int, rule: str) -> str:
+    if rule == "strict":
+        return "win" if o1 == o2 == 1 else "loss" if o1 == o2 == -1 else "tie"
+    if rule == "sum":
+        s = o1 + o2
+        return "win" if s >= 1 else "loss" if s <= -1 else "tie"
+    raise ValueError(f"unknown rule {rule!r}; choose strict or sum")
+
+
+def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[dict], dict[str, Any]]:
+    """Per-question verdicts and a summary from the judge's outputs (aligned with ``requests``)."""
+    by_q: dict[str, dict[int, dict]] = {}
+    for req, out in zip(requests, outputs, strict=True):
+        parsed = parse_scores(out["answer"]) if not out.get("error") else None
+        by_q.setdefault(req["qid"], {})[req["order"]] = {"raw": out["answer"], "scores": parsed,
+                                                         "error": out.get("error")}
+    verdicts = []
+    counts = {"win": 0, "tie": 0, "loss": 0, "invalid": 0}
+    unparsed = disagree = 0
+    for qid, orders in by_q.items():
+        s1, s2 = orders[1]["scores"], orders[2]["scores"]
+        unparsed += (s1 is None) + (s2 is None)
+        if s1 is None or s2 is None:
+            verdict, o1, o2 = "invalid", None, None
+        else:
+            o1, o2 = order_outcome(s1, 1), order_outcome(s2, 2)
+            verdict = combine(o1, o2, rule)
+            disagree += o1 != o2
+        counts[verdict] += 1
+        verdicts.append({"id": qid, "verdict": verdict, "outcome_order_1": o1, "outcome_order_2": o2,
+                         "scores_order_1": s1, "scores_order_2": s2,
+                         "judge_order_1": orders[1]["raw"], "judge_order_2": orders[2]["raw"],
+                         "error": orders[1]["error"] or orders[2]["error"]})
+    valid = counts["win"] + counts["tie"] + counts["loss"]
+
+    def rate(x: float) -> float | None:
+        return x / valid if valid else None
+
+    summary = {
+        "rule": rule, "prompts": len(by_q), "valid": valid, **counts,
+        "judgements": 2 * len(by_q), "unparsed_judgements": unparsed,
+        "win_rate": rate(counts["win"]), "tie_rate": rate(counts["tie"]), "loss_rate": rate(counts["loss"]),
+        "score": rate(counts["win"] + 0.5 * counts["tie"]),
+        "order_disagreement_rate": rate(disagree),
+    }
+    return verdicts, summary

@@ -1,0 +1,101 @@
+"""The report: the search's results as Markdown and HTML, with a plot of the win rate against k and SFT step."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("win", "win"), ("tie", "tie"), ("loss", "loss"),
+           ("invalid", "invalid"), ("win_rate", "win rate"), ("score", "score"),
+           ("order_disagreement_rate", "orders disagree")]
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def plot(results: list[dict], metric: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = sorted({r["k"] for r in results})
+    steps = sorted({r["sft_step"] for r in results}, key=lambda s: (isinstance(s, str), s))
+    for k in ks:
+        pts = [(steps.index(r["sft_step"]), r.get(metric)) for r in results if r["k"] == k]
+        pts = [(x, y) for x, y in sorted(pts) if y is not None and not math.isnan(y)]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"k = {k}")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+    ax.set_xlabel("SFT checkpoint step that preference tuning starts from")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no valid judgements", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{metric.replace('_', ' ')} against the baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write report.md, report.html and winrate.png into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = cfg["search"]["metric"]
+    png = plot(results, metric if metric != "score" else "score", out_dir / "winrate.png")
+    judge_cfg = cfg["judge"]
+    baseline = judge_cfg.get("baseline") or cfg["model"]["base"]
+    ok = [r for r in results if r.get("metric") is not None]
+    best = max(ok, key=lambda r: r["metric"]) if ok else None
+    failed = [r for r in results if r.get("error")]
+
+    intro = [
+        f"Experiment **{cfg['name']}**: model `{cfg['model']['base']}`, selection by {cfg['select']['score']} "
+        f"({cfg['select']['length_unit']}), preference method {cfg['pref']['method']} "
+        f"(loss {cfg['pref']['loss_type']}, beta {cfg['pref']['beta']}), starting from {cfg['pref']['start_from']}.",
+        f"Judge: `{judge_cfg['model']}` ({judge_cfg['backend']}), both orders, aggregation rule **{judge_cfg['rule']}**"
+        + (" with a format example" if judge_cfg.get("format_example") else "") + f"; baseline: `{baseline}`.",
+        "Rates are over valid prompts (both orders parsed); *invalid* counts prompts with an unparsed judgement.",
+    ]
+    if best:
+        intro.append(f"Best by {metric}: k = {best['k']}, SFT step = {best['sft_step']} ({_fmt(best['metric'])}).")
+    else:
+        intro.append(f"No point has a valid {metric}: every judgement was unparsed or failed.")
+
+    header = "| " + " | ".join(name for _, name in COLUMNS) + " |"
+    sep = "|" + "---|" * len(COLUMNS)
+    rows = ["| " + " | ".join(_fmt(r.get(key)) for key, _ in COLUMNS) + " |" for r in results]
+    md = ["# Alignment report", "", *intro, "", header, sep, *rows, "", f"![{metric}](winrate.png)", ""]
+    for r in failed:
+        md.append(f"- k = {r['k']}, SFT step = {r['sft_step']} failed: {r['error']}")
+    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+
+    img = base64.b64encode(png.read_bytes()).decode()
+    cells = "".join(f"<th>{html.escape(n)}</th>" for _, n in COLUMNS)
+    body_rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k, _ in COLUMNS) + "</tr>"
+                        for r in results)
+    errors = "".join(f"<li>k = {r['k']}, SFT step = {r['sft_step']} failed: {html.escape(r['error'])}</li>" for r in failed)
+    intro_html = "".join(f"<p>{html.escape(p).replace('**', '')}</p>" for p in intro)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Alignment report</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}</style></head><body>"
+        f"<h1>Alignment report</h1>{intro_html}<table><tr>{cells}</tr>{body_rows}</table>"
+        f"<p><img alt='{metric}' src='data:image/png;base64,{img}'></p><ul>{errors}</ul></body></html>"
+    )
+    (out_dir / "report.html").write_text(page)
+    return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"), "plot": str(png)}
