@@ -1,0 +1,104 @@
+"""Integration on local Ray with a tiny model: select -> sft -> pref -> generate -> judge, the search, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment import pipeline
+from alignment.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "data"
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_experiment(tmp_path: Path, tiny_model: Path) -> dict:
+    return {
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"base": str(tiny_model)},
+        "data": {"sft": [str(EXAMPLES / "sft_alpaca.jsonl"), str(EXAMPLES / "sft_sharegpt.json")],
+                 "preferences": [str(EXAMPLES / "preferences_hh.jsonl")],
+                 "eval_prompts": str(EXAMPLES / "eval_prompts.jsonl"), "max_eval_prompts": 4},
+        "select": {"k": 8, "length_unit": "tokens"},
+        "sft": {"max_steps": 4, "save_at": [2, 4], "learning_rate": 1e-3, "per_device_batch_size": 2,
+                "max_length": 128, "save_only_model": True},
+        "pref": {"start_from": "sft", "sft_step": 2, "max_steps": 2, "learning_rate": 1e-3,
+                 "per_device_batch_size": 2, "max_length": 128, "max_pairs": 8},
+        "generate": {"max_new_tokens": 8, "batch_size": 4, "cpus_per_actor": 1.0},
+        "judge": {"model": str(tiny_model), "rule": "sum", "max_new_tokens": 6},
+        "search": {"k": [8], "sft_step": [2, 4]},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "cpus_per_trial": 0.5},
+    }
+
+
+def write_config(tmp_path: Path, exp: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def manifests(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / stage).glob("*/manifest.json"))]
+
+
+def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
+    cfg = load_config(write_config(tmp_path, tiny_experiment(tmp_path, tiny_model)))
+    run = Path(cfg.run_dir)
+
+    point = pipeline.run_point(cfg, 8, 2)
+    assert point["prompts"] == 4 and point["judgements"] == 8
+    assert point["valid"] + point["invalid"] == 4
+    assert point["win"] + point["tie"] + point["loss"] == point["valid"]
+
+    (sel,) = manifests(run, "select")
+    c = sel["counts"]
+    assert c["rows_read"] == c["rows_kept"] + c["rows_set_aside"] == 200 and c["rows_set_aside"] == 2
+    (sft,) = manifests(run, "sft")
+    assert [ck["step"] for ck in sft["outputs"]["checkpoints"]] == [2, 4]
+    assert all(ck["train_loss"] is not None and Path(ck["path"], "model.safetensors").is_file()
+               for ck in sft["outputs"]["checkpoints"])
+    assert sft["metrics"]["strategy"] == "single-process" and sft["metrics"]["device"] == "cpu"
+    (pref,) = manifests(run, "pref")
+    assert pref["outputs"]["start"]["sft_step"] == 2
+    assert pref["outputs"]["start"]["checkpoint"] == sft["outputs"]["checkpoints"][0]["path"]
+    pc = pref["counts"]
+    assert pc["pairs_read"] == pc["pairs_kept"] + pc["pairs_set_aside"] == 33 and pc["pairs_used"] == 8
+    gens = manifests(run, "generate")
+    assert {g["label"] for g in gens} == {"baseline", f"k8-step2-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"}
+    answers = [json.loads(line) for line in open(gens[0]["outputs"]["answers"])]
+    assert len(answers) == 4 and all("answer" in a for a in answers)
+    (jm,) = manifests(run, "judge")
+    assert jm["metrics"]["rule"] == "sum"
+
+    # The search: both trials share k=8, so one selection and one SFT run serve both.
+    out = pipeline.run_experiment(cfg)
+    assert [(r["k"], r["sft_step"]) for r in out["results"]] == [(8, 2), (8, 4)]
+    assert all("error" not in r for r in out["results"])
+    assert len(manifests(run, "select")) == 1 and len(manifests(run, "sft")) == 1
+    prefs = manifests(run, "pref")
+    assert sorted(p["outputs"]["start"]["sft_step"] for p in prefs) == [2, 4]
+    assert len(manifests(run, "generate")) == 3  # baseline once, two trained models
+    report = Path(out["report"]["markdown"]).read_text()
+    assert "aggregation rule **sum**" in report and "| 8 | 4 |" in report
+    assert Path(out["report"]["plot"]).stat().st_size > 1000 and Path(out["report"]["html"]).is_file()
+    saved = json.loads((run / "search" / "results.json").read_text())
+    assert len(saved["trials"]) == 2
+
+
+def test_pref_on_the_model_itself_skips_sft(ray_local, tmp_path, tiny_model):
+    exp = tiny_experiment(tmp_path, tiny_model)
+    exp["pref"]["start_from"] = "base"
+    exp["pref"]["sft_step"] = "last"
+    exp["search"] = {}
+    exp["data"]["preferences"] = [str(EXAMPLES / "preferences.jsonl")]
+    cfg = load_config(write_config(tmp_path, exp))
+    m = pipeline.pref_stage(cfg)
+    assert m["outputs"]["start"] == {"from": "base", "model": str(tiny_model)}
+    assert not (Path(cfg.run_dir) / "sft").exists() and not (Path(cfg.run_dir) / "select").exists()
+    assert m["metrics"]["final"]["step"] == 2

@@ -1,0 +1,121 @@
+"""Length scoring, top-k, the select stage on local Ray, and stage manifests."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alignment import formats, manifest, select
+from conftest import shared, write_jsonl
+
+
+def conv(*turns: str) -> list[dict]:
+    roles = ["user", "assistant"]
+    return [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+
+
+def test_length_counts_every_assistant_turn(tiny_model):
+    from transformers import AutoTokenizer
+
+    rows = [conv("q", "one two three"), conv("q", "four five", "more?", "six seven eight nine")]
+    assert select.length_scores(rows, "chars") == [13, 9 + 20]
+    assert select.length_scores(rows, "words") == [3, 6]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    expected = [len(tok("one two three", add_special_tokens=False)["input_ids"]),
+                len(tok("four five", add_special_tokens=False)["input_ids"])
+                + len(tok("six seven eight nine", add_special_tokens=False)["input_ids"])]
+    assert select.length_scores(rows, "tokens", tok) == expected
+
+
+def test_topk_is_streamed_and_breaks_ties_by_id():
+    top = select.TopK(3)
+    batches = [
+        [{"id": "b", "source": "f", "row": 0, "score": 5.0}, {"id": "z", "source": "f", "row": 1, "score": 1.0}],
+        [{"id": "a", "source": "f", "row": 2, "score": 5.0}, {"id": "c", "source": "f", "row": 3, "score": 7.0}],
+        [{"id": "d", "source": "f", "row": 4, "score": 5.0}],
+    ]
+    for b in batches:
+        top.add(pa.Table.from_pylist(b))
+        assert top.result().num_rows <= 3
+    assert top.result()["id"].to_pylist() == ["c", "a", "b"]
+
+
+def test_select_on_local_ray_with_real_data(ray_local, tmp_path, tiny_model):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": "bad-empty", "instruction": "x", "output": " "}, "{oops",
+        {"id": "good", "instruction": "x", "output": "a short answer"}])
+    sources = [str(shared("sft", "lima_1k.json")), str(bad)]
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    out1.mkdir(), out2.mkdir()
+    r1 = select.run_select(sources, "auto", 25, "words", None, out1)
+    r2 = select.run_select(sources, "auto", 25, "words", None, out2)
+    c = r1["counts"]
+    assert (c["rows_read"], c["rows_kept"], c["rows_set_aside"], c["rows_selected"]) == (1003, 1001, 2, 25)
+    assert c["rows_read"] == c["rows_kept"] + c["rows_set_aside"]
+    t = pq.read_table(r1["outputs"]["selected"])
+    assert t.equals(pq.read_table(r2["outputs"]["selected"]))  # the same selection twice
+    assert t["rank"].to_pylist() == list(range(1, 26))
+    scores = t["score_length_words"].to_pylist()
+    assert scores == sorted(scores, reverse=True)
+    # the selection really is the 25 longest LIMA answers, traced to their source rows
+    good, _ = formats.read_rows(str(shared("sft", "lima_1k.json")), "sft")
+    lengths = sorted((sum(len(m["content"].split()) for m in g["messages"] if m["role"] == "assistant") for g in good),
+                     reverse=True)
+    assert scores == lengths[:25]
+    raw = json.loads(shared("sft", "lima_1k.json").read_text())
+    first = t.slice(0, 1).to_pylist()[0]
+    assert raw[first["row"]]["id"] == first["id"]
+    aside = [json.loads(line) for line in open(r1["outputs"]["set_aside"])]
+    assert {(a["row"], a["field"]) for a in aside} == {(0, "output"), (1, "(json)")}
+
+
+def test_k_larger_than_the_pool_is_a_clear_error(ray_local, tmp_path):
+    src = write_jsonl(tmp_path / "small.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+    with pytest.raises(select.SelectError, match=r"select.k=5 is larger than the pool: 3 valid rows"):
+        select.run_select([str(src)], "auto", 5, "chars", None, tmp_path)
+    r = select.run_select([str(src)], "auto", 5, "chars", None, tmp_path, allow_fewer=True)
+    assert r["counts"]["rows_selected"] == 3
+
+
+def test_run_stage_skips_finished_work_and_records_failures(tmp_path):
+    calls = []
+
+    def work(d):
+        calls.append(d)
+        (d / "out.txt").write_text("x")
+        return {"outputs": {"out": str(d / "out.txt")}, "counts": {"n": 1}}
+
+    m1 = manifest.run_stage(tmp_path, "demo", "a", {"k": 1}, {"in": "abc"}, work)
+    m2 = manifest.run_stage(tmp_path, "demo", "a", {"k": 1}, {"in": "abc"}, work)
+    assert len(calls) == 1 and m2["skipped"] and m2["dir"] == m1["dir"]
+    assert m1["status"] == "complete" and m1["timings"]["seconds"] >= 0 and "torch" in m1["versions"]
+    m3 = manifest.run_stage(tmp_path, "demo", "a", {"k": 1}, {"in": "changed"}, work)
+    assert len(calls) == 2 and m3["dir"] != m1["dir"]
+
+    def boom(d):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        manifest.run_stage(tmp_path, "demo", "b", {}, {}, boom)
+    failed = [json.loads(p.read_text()) for p in (tmp_path / "demo").glob("b-*/manifest.json")]
+    assert failed[0]["status"] == "failed" and "disk full" in failed[0]["error"]
+    # a failed (or killed) stage runs again
+    m4 = manifest.run_stage(tmp_path, "demo", "b", {}, {}, work)
+    assert m4["status"] == "complete" and not m4["skipped"]
+
+
+def test_fingerprint_follows_content(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one")
+    before = manifest.fingerprint(f)
+    f.write_text("two")
+    assert manifest.fingerprint(f) != before
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "x").write_text("1")
+    fd = manifest.fingerprint(d)
+    (d / "y").write_text("2")
+    assert manifest.fingerprint(d) != fd
