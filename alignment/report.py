@@ -22,12 +22,13 @@ def _fmt(v: Any) -> str:
 
 
 def plot(results: list[dict], metric: str, path: Path) -> Path:
+    """Left: the metric against the SFT step, one line per k. Right: win/tie/loss/invalid counts per point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     ks = sorted({r["k"] for r in results})
     steps = sorted({r["sft_step"] for r in results}, key=lambda s: (isinstance(s, str), s))
     for k in ks:
@@ -45,6 +46,16 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no valid judgements", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{metric.replace('_', ' ')} against the baseline")
+
+    labels = [f"k={r['k']}\nstep {r['sft_step']}" for r in results]
+    bottom = [0] * len(results)
+    for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("invalid", "white")):
+        vals = [r.get(key) or 0 for r in results]
+        bars.bar(labels, vals, bottom=bottom, color=color, edgecolor="black", linewidth=0.5, label=key)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    bars.set_ylabel("prompts")
+    bars.set_title("verdicts per grid point")
+    bars.legend(fontsize="small", ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

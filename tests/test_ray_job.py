@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,26 +37,35 @@ def test_ray_job_submit_runs_the_experiment(tmp_path, tiny_model):
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(gcs),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
+         # free ports: the defaults (52365, ...) may be held by the test session's own local Ray
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
          "--temp-dir", str(temp), "--include-dashboard", "true"],
         env=env, capture_output=True, text=True, timeout=180,
     )
     try:
         assert head.returncode == 0, head.stderr[-3000:]
         address = f"http://127.0.0.1:{dash}"
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--submission-id", "tiny-experiment", "--",
-             "python", "ray_jobs/run_experiment.py", "--config", str(cfg_path)],
-            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
-        )
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "tiny-experiment"],
-                                env=env, capture_output=True, text=True, timeout=60)
-        assert "SUCCEEDED" in status.stdout + status.stderr, (submit.stdout[-4000:], submit.stderr[-4000:])
+        deadline = time.time() + 120
+        while True:  # right after `ray start` the job server may not have an agent yet
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                 "--submission-id", "tiny-experiment", "--",
+                 "python", "ray_jobs/run_experiment.py", "--config", str(cfg_path)],
+                env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
+            )
+            if "No available agent" not in submit.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        status = JobSubmissionClient(address).get_job_status("tiny-experiment")
+        assert status == JobStatus.SUCCEEDED and submit.returncode == 0, (submit.stdout[-4000:], submit.stderr[-4000:])
         run = Path(exp["run_dir"])
         results = json.loads((run / "search" / "results.json").read_text())["trials"]
         assert [(r["k"], r["sft_step"]) for r in results] == [(8, 4)] and "error" not in results[0]
@@ -63,20 +73,24 @@ def test_ray_job_submit_runs_the_experiment(tmp_path, tiny_model):
         assert len(list((run / "sft").glob("*/manifest.json"))) == 1
     finally:
         stop_head(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def stop_head(temp: Path) -> None:
-    """Stop only the processes of the head this test started (their command lines name its temp dir):
-    `ray stop` would also stop the test session's own local Ray."""
+    """Stop only the head this test started: the processes whose command lines name its temp dir, and all
+    their descendants (Ray renames workers and agents, e.g. ``ray::DashboardAgent``). `ray stop` would
+    also stop the test session's own local Ray."""
     import psutil
 
-    procs = []
+    procs = set()
     for p in psutil.process_iter(["cmdline"]):
         try:
             if p.pid != os.getpid() and any(str(temp) in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
+                procs.add(p)
+                procs.update(p.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    procs = list(procs)
     for p in procs:
         try:
             p.terminate()
