@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +248,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """The search over (k, SFT step) on Ray Tune, each trial a pipeline point; then the report."""
     results, timings = search.run_search(cfg, run_point)
     write_search_results(cfg, results, timings)
-    paths = report.write_report(results, config_dict(cfg), _run_dir(cfg) / "report")
+    paths = _write_report(cfg, results)
     failed = [r for r in results if r.get("error")]
     if failed:
         raise PipelineError(f"{len(failed)} of {len(results)} search trials failed (report: {paths['markdown']}); "
@@ -260,10 +261,26 @@ def report_only(cfg: ExperimentConfig) -> dict[str, str]:
     if not results_path.is_file():
         raise PipelineError(f"no search results at {results_path}; run `alignment run` or `alignment search` first")
     results = json.loads(results_path.read_text())["trials"]
-    return report.write_report(results, config_dict(cfg), _run_dir(cfg) / "report")
+    return _write_report(cfg, results)
 
 
 def write_search_results(cfg: ExperimentConfig, results: list[dict], timings: dict) -> Path:
+    """The search's manifest: config, every trial's results, counts and timings."""
     path = _run_dir(cfg) / "search" / "results.json"
-    write_json(path, {"config": config_dict(cfg), "trials": results, "timings": timings})
+    failed = sum(1 for r in results if r.get("error"))
+    write_json(path, {"config": config_dict(cfg), "trials": results, "timings": timings,
+                      "counts": {"trials": len(results), "succeeded": len(results) - failed, "failed": failed}})
     return path
+
+
+def _write_report(cfg: ExperimentConfig, results: list[dict]) -> dict[str, str]:
+    out = _run_dir(cfg) / "report"
+    started = time.time()
+    paths = report.write_report(results, config_dict(cfg), out)
+    results_path = _run_dir(cfg) / "search" / "results.json"
+    write_json(out / "manifest.json", {
+        "stage": "report", "status": "complete", "config": config_dict(cfg),
+        "inputs": {"search_results": fingerprint(results_path) if results_path.is_file() else None},
+        "outputs": paths, "counts": {"trials": len(results)},
+        "timings": {"started": started, "seconds": round(time.time() - started, 3)}})
+    return paths

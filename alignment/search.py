@@ -18,6 +18,10 @@ from .config import ExperimentConfig
 
 log = logging.getLogger("alignment")
 
+# What a trial's result keeps from the point's metrics (plus every ``*_rate``).
+_KEEP = ("k", "sft_step", "start_from", "metric", "rule", "prompts", "valid", "win", "tie", "loss", "invalid",
+         "judgements", "unparsed_judgements", "score", "model", "judge_dir")
+
 
 def _trial(config: dict[str, Any], cfg_json: dict[str, Any], trial_fn: Callable) -> None:
     from ray import tune
@@ -69,6 +73,3 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable) -> tuple[list[dict[str
     results.sort(key=lambda r: order.get((r["k"], r["sft_step"]), 0))
     return results, {"seconds": round(time.time() - started, 3)}
 
-
-_KEEP = ("k", "sft_step", "start_from", "metric", "rule", "prompts", "valid", "win", "tie", "loss", "invalid",
-         "judgements", "unparsed_judgements", "score", "model", "judge_dir")

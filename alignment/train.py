@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -226,9 +225,3 @@ def environment_facts(resources: dict[str, Any]) -> dict[str, Any]:
     n = resources["num_workers"]
     return {"strategy": "ddp" if n > 1 else "single-process", "world_size": n,
             "device": "cuda" if resources["use_gpu"] else "cpu", "backend": "nccl" if resources["use_gpu"] else "gloo"}
-
-
-def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")

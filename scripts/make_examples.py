@@ -187,7 +187,7 @@ def main() -> None:
                         conv += [{"from": "human", "value": "Can you say more?"},
                                  {"from": "gpt", "value": long_answer(shuffled, rng)}]
                     sharegpt.append({"id": f"sharegpt-{topic}-{qi}-{variant}", "conversations": conv})
-            for rep in range(4):
+            for rep in range(7):
                 shuffled = facts[:]
                 rng.shuffle(shuffled)
                 good = long_answer(shuffled, rng) if rep % 2 == 0 else medium_answer(shuffled, rng)

@@ -88,7 +88,12 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert "aggregation rule **sum**" in report and "| 8 | 4 |" in report
     assert Path(out["report"]["plot"]).stat().st_size > 1000 and Path(out["report"]["html"]).is_file()
     saved = json.loads((run / "search" / "results.json").read_text())
-    assert len(saved["trials"]) == 2
+    assert len(saved["trials"]) == 2 and saved["counts"] == {"trials": 2, "succeeded": 2, "failed": 0}
+    rep = json.loads((run / "report" / "manifest.json").read_text())
+    assert rep["status"] == "complete" and rep["counts"] == {"trials": 2} and rep["inputs"]["search_results"]
+    # `alignment report` rebuilds the report from the saved results alone
+    (run / "report" / "report.md").unlink()
+    assert Path(pipeline.report_only(cfg)["markdown"]).read_text() == report
 
 
 def test_pref_on_the_model_itself_skips_sft(ray_local, tmp_path, tiny_model):
