@@ -107,3 +107,19 @@ def test_pref_on_the_model_itself_skips_sft(ray_local, tmp_path, tiny_model):
     assert m["outputs"]["start"] == {"from": "base", "model": str(tiny_model)}
     assert not (Path(cfg.run_dir) / "sft").exists() and not (Path(cfg.run_dir) / "select").exists()
     assert m["metrics"]["final"]["step"] == 2
+
+
+def test_cli_stage_and_errors(ray_local, tmp_path, tiny_model, capsys):
+    from alignment.cli import main
+
+    path = write_config(tmp_path, tiny_experiment(tmp_path, tiny_model))
+    assert main(["select", "--config", str(path), "select.k=5", "select.length_unit=words"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stage"] == "select" and out["counts"]["rows_selected"] == 5 and not out["skipped"]
+
+    assert main(["select", "--config", str(path), "select.kk=5"]) == 2
+    err = capsys.readouterr().err
+    assert "select.kk: unknown key" in err and str(path) in err
+
+    assert main(["select", "--config", str(path), "select.k=100000"]) == 1
+    assert "larger than the pool: 198 valid rows" in capsys.readouterr().err
