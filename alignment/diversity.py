@@ -63,32 +63,55 @@ def repr_filter(embeddings: np.ndarray, k: int, tau: float = 0.9, block: int = 4
 
 
 def repr_filter_stream(blocks: Iterable[np.ndarray], k: int, tau: float = 0.9, cells: int = 256,
-                       seed: int = 0, chunk: int = 8192) -> list[int]:
+                       seed: int = 0) -> list[int]:
     """The filter over candidate blocks in score order; returns positions in the concatenated stream."""
-    kept_pos: list[int] = []
-    kept: np.ndarray | None = None  # k x d, filled in order
-    centroids: np.ndarray | None = None
-    members: list[list[int]] = []  # per cell: indices into `kept`
+    f = ReprFilter(k, tau, cells, seed)
+    kept: list[int] = []
     offset = 0
-    rng = np.random.default_rng(seed)
-    for cand in blocks:
+    for block in blocks:
+        kept += [offset + i for i in f.add(block)]
+        offset += len(block)
+        if f.full:
+            break
+    return kept
+
+
+class ReprFilter:
+    """The filter's state over a stream: feed blocks of candidates in score order, get back the kept ones."""
+
+    def __init__(self, k: int, tau: float = 0.9, cells: int = 256, seed: int = 0, chunk: int = 8192):
+        self.k, self.tau, self.cells, self.chunk = k, tau, cells, chunk
+        self.rng = np.random.default_rng(seed)
+        self.kept: np.ndarray | None = None  # k x d, filled in order
+        self.n = 0
+        self.centroids: np.ndarray | None = None
+        self.members: list[list[int]] = []  # per cell: indices into `kept`
+        self.scanned = 0
+
+    @property
+    def full(self) -> bool:
+        return self.n >= self.k
+
+    def add(self, cand: np.ndarray) -> list[int]:
+        """Positions (within this block) of the candidates kept; stops as soon as k rows are kept."""
         cand = np.ascontiguousarray(cand, dtype=np.float32)
         b = len(cand)
-        if b == 0:
-            continue
-        if kept is None:
-            kept = np.empty((k, cand.shape[1]), dtype=np.float32)
+        if b == 0 or self.full:
+            return []
+        tau = self.tau
+        if self.kept is None:
+            self.kept = np.empty((self.k, cand.shape[1]), dtype=np.float32)
             # Routing only: any centroids keep the result exact; rows of the first block are good enough.
-            n_cells = max(1, min(cells, b))
-            centroids = cand[rng.choice(b, n_cells, replace=False)]
-            members = [[] for _ in range(n_cells)]
-        n = len(kept_pos)
-        cell = (cand @ centroids.T).argmax(axis=1)
+            n_cells = max(1, min(self.cells, b))
+            self.centroids = cand[self.rng.choice(b, n_cells, replace=False)]
+            self.members = [[] for _ in range(n_cells)]
+        kept, n = self.kept, self.n
+        cell = (cand @ self.centroids.T).argmax(axis=1)
         alive = np.ones(b, dtype=bool)
         if n:
             # 1. probe the kept rows of each candidate's cell: a witness rejects for good
             for c in np.unique(cell):
-                m = members[c]
+                m = self.members[c]
                 if m:
                     rows = np.flatnonzero(cell == c)
                     hit = ((cand[rows] @ kept[m].T) > tau).any(axis=1)
@@ -98,24 +121,28 @@ def repr_filter_stream(blocks: Iterable[np.ndarray], k: int, tau: float = 0.9, c
             if len(rest):
                 c = cand[rest]
                 reject = np.zeros(len(rest), dtype=bool)
-                for s in range(0, n, chunk):
-                    reject |= (c @ kept[s:min(s + chunk, n)].T > tau).any(axis=1)
+                for s in range(0, n, self.chunk):
+                    reject |= (c @ kept[s:min(s + self.chunk, n)].T > tau).any(axis=1)
                 alive[rest[reject]] = False
         # 3. in score order within the block
+        out: list[int] = []
         rest = np.flatnonzero(alive)
+        last = b - 1
         if len(rest):
             gram = cand[rest] @ cand[rest].T
             blocked = np.zeros(len(rest), dtype=bool)
             for j in range(len(rest)):
                 if blocked[j]:
                     continue
-                i = rest[j]
+                i = int(rest[j])
                 kept[n] = cand[i]
-                members[cell[i]].append(n)
-                kept_pos.append(offset + int(i))
+                self.members[cell[i]].append(n)
+                out.append(i)
                 n += 1
-                if n == k:
-                    return kept_pos
+                if n == self.k:
+                    last = i
+                    break
                 blocked |= gram[j] > tau
-        offset += b
-    return kept_pos
+        self.n = n
+        self.scanned += last + 1
+        return out

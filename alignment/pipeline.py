@@ -68,13 +68,18 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     s = cfg.select
     tokenizer = models.resolve(cfg.model.base) if s.length_unit == "tokens" else None
     conf = {"k": k, "score": s.score, "length_unit": s.length_unit, "allow_fewer": s.allow_fewer,
-            "format": cfg.data.sft_format, "tokenizer": cfg.model.base if tokenizer else None}
+            "format": cfg.data.sft_format, "tokenizer": cfg.model.base if tokenizer else None,
+            "selector": s.selector}
     inputs = _files(cfg.data.sft, "sft")
     if tokenizer:
         inputs["tokenizer"] = fingerprint(tokenizer)
+    if s.selector == "repr_filter":
+        conf.update(tau=s.tau, embedding_model=s.embedding.model)
+        inputs["embedding_model"] = fingerprint(select.embedding_model_path(s.embedding.model))
     return run_stage(cfg.run_dir, "select", f"k{k}", conf, inputs,
                      lambda d: select.run_select(cfg.data.sft, cfg.data.sft_format, k, s.length_unit, tokenizer, d,
-                                                 s.allow_fewer, s.batch_size))
+                                                 s.allow_fewer, s.batch_size, s.selector, s.tau,
+                                                 config_dict(s.embedding)))
 
 
 def sft_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:

@@ -119,3 +119,34 @@ def test_fingerprint_follows_content(tmp_path):
     fd = manifest.fingerprint(d)
     (d / "y").write_text("2")
     assert manifest.fingerprint(d) != fd
+
+
+def test_repr_filter_selector_on_local_ray_matches_the_rule(ray_local, tmp_path):
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer
+
+    from alignment import diversity
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "data" / "sft_alpaca.jsonl"
+    rows = [json.loads(line) for line in open(examples)][:60]
+    dups = [{**r, "id": r["id"] + "-dup"} for r in rows[:10]]  # exact duplicates under new ids
+    src = write_jsonl(tmp_path / "pool.jsonl", rows + dups)
+    emb = {"model": "all-minilm-l6-v2", "batch_size": 16, "num_actors": 1, "cpus_per_actor": 1.0,
+           "gpus_per_actor": 0.0}
+    r = select.run_select([str(src)], "auto", 15, "words", None, tmp_path, batch_size=8, selector="repr_filter",
+                          tau=0.9, embedding=emb)
+    got = pq.read_table(r["outputs"]["selected"])
+    assert got.num_rows == 15 and got["rank"].to_pylist() == list(range(1, 16))
+    assert got.schema.field("embedding").type.list_size == 384
+
+    # the rule, in process: the same scored pool, ordered by score then id, embedded here
+    pool = sorted(pq.read_table(r["outputs"]["scored"]).to_pylist(),
+                  key=lambda x: (-x["score_length_words"], x["id"], x["source"], x["row"]))
+    model = SentenceTransformer(select.embedding_model_path("all-minilm-l6-v2"), device="cpu")
+    e = model.encode([select.conversation_text(x["messages"]) for x in pool], normalize_embeddings=True)
+    assert got["id"].to_pylist() == [pool[i]["id"] for i in diversity.repr_filter_reference(e, 15, 0.9)]
+    ids = set(got["id"].to_pylist())
+    assert not any(i.endswith("-dup") and i[:-4] in ids for i in ids)
+    c = r["counts"]["repr_filter"]
+    assert c["kept"] == 15 and c["scanned"] == c["kept"] + c["rejected_as_similar"] and c["rejected_as_similar"] > 0
