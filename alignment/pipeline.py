@@ -66,20 +66,30 @@ def _files(patterns: list[str], what: str) -> dict[str, str]:
 def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     k = k or cfg.select.k
     s = cfg.select
-    tokenizer = models.resolve(cfg.model.base) if s.length_unit == "tokens" else None
-    conf = {"k": k, "score": s.score, "length_unit": s.length_unit, "allow_fewer": s.allow_fewer,
-            "format": cfg.data.sft_format, "tokenizer": cfg.model.base if tokenizer else None,
-            "selector": s.selector}
+    uses_tokens = "length" in s.scorers and s.length_unit == "tokens"
+    tokenizer = models.resolve(cfg.model.base) if uses_tokens else None
+    resolved: dict[str, Any] = {"deita": config_dict(s.deita), "rating": config_dict(s.rating),
+                                "embedding": config_dict(s.embedding)}
     inputs = _files(cfg.data.sft, "sft")
     if tokenizer:
         inputs["tokenizer"] = fingerprint(tokenizer)
+    if "deita" in s.scorers:
+        for key in ("complexity_model", "quality_model"):
+            resolved["deita"][key] = models.resolve(getattr(s.deita, key))
+            inputs[f"deita_{key}"] = fingerprint(resolved["deita"][key])
+    if "rating" in s.scorers and s.rating.backend == "transformers":
+        resolved["rating"]["model"] = models.resolve(s.rating.model)
+        inputs["rating_model"] = fingerprint(resolved["rating"]["model"])
     if s.selector == "repr_filter":
-        conf.update(tau=s.tau, embedding_model=s.embedding.model)
         inputs["embedding_model"] = fingerprint(select.embedding_model_path(s.embedding.model))
+    spec = select.spec(scorers=list(s.scorers), ranking=s.ranking(), length_unit=s.length_unit,
+                       tokenizer=tokenizer, seed=cfg.seed, selector=s.selector, tau=s.tau, **resolved)
+    conf = {"k": k, "format": cfg.data.sft_format, "allow_fewer": s.allow_fewer,
+            "tokenizer": cfg.model.base if tokenizer else None,
+            **{key: value for key, value in spec.items() if key != "tokenizer"}}
     return run_stage(cfg.run_dir, "select", f"k{k}", conf, inputs,
-                     lambda d: select.run_select(cfg.data.sft, cfg.data.sft_format, k, s.length_unit, tokenizer, d,
-                                                 s.allow_fewer, s.batch_size, s.selector, s.tau,
-                                                 config_dict(s.embedding)))
+                     lambda d: select.run_select(cfg.data.sft, cfg.data.sft_format, k, spec, d, s.allow_fewer,
+                                                 s.batch_size))
 
 
 def sft_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:

@@ -74,9 +74,12 @@ def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dic
     best = max(ok, key=lambda r: r["metric"]) if ok else None
     failed = [r for r in results if r.get("error")]
 
+    sel = cfg["select"]
+    ranking = " + ".join(f"{w:g} x {n}" if w != 1 else n for n, w in (sel.get("rank_by") or {sel["scorers"][0]: 1}).items())
+    ranking = ranking.replace("length", f"length ({sel['length_unit']})")
     intro = [
-        f"Experiment **{cfg['name']}**: model `{cfg['model']['base']}`, selection by {cfg['select']['score']} "
-        f"({cfg['select']['length_unit']}), preference method {cfg['pref']['method']} "
+        f"Experiment **{cfg['name']}**: model `{cfg['model']['base']}`, selection ranked by {ranking} "
+        f"({sel['selector']}), preference method {cfg['pref']['method']} "
         f"(loss {cfg['pref']['loss_type']}, beta {cfg['pref']['beta']}), starting from {cfg['pref']['start_from']}.",
         f"Judge: `{judge_cfg['model']}` ({judge_cfg['backend']}), both orders, aggregation rule **{judge_cfg['rule']}**"
         + (" with a format example" if judge_cfg.get("format_example") else "") + f"; baseline: `{baseline}`.",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import formats
+from . import formats, scoring
 
 log = logging.getLogger("alignment")
 
@@ -42,34 +44,181 @@ def read_batch(batch: dict[str, Any], fmt: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
 
 
-def length_scores(messages: list[list[dict]], unit: str, tokenizer: Any = None) -> list[int]:
-    """Length of all assistant turns of each conversation, in chars, words or tokens (Long Is More)."""
-    texts_per_row = [formats.assistant_texts(m) for m in messages]
-    if unit == "chars":
-        return [sum(len(t) for t in ts) for ts in texts_per_row]
-    if unit == "words":
-        return [sum(len(t.split()) for t in ts) for ts in texts_per_row]
-    if unit == "tokens":
-        flat = [t for ts in texts_per_row for t in ts]
-        ids = tokenizer(flat, add_special_tokens=False, return_attention_mask=False)["input_ids"] if flat else []
-        out, i = [], 0
-        for ts in texts_per_row:
-            out.append(sum(len(x) for x in ids[i:i + len(ts)]))
-            i += len(ts)
-        return out
-    raise SelectError(f"unknown length unit {unit!r}")
+length_scores = scoring.length_scores  # re-exported
 
 
-def score_batch(table: pa.Table, unit: str, tokenizer_path: str | None) -> pa.Table:
-    """Ray Data UDF: add ``score`` (null for set-aside rows)."""
+def _merge_errors(table: pa.Table, errors: list[str | None]) -> pa.Table:
+    """Add this scorer's per-row failure reasons to ``score_error`` ("; "-joined)."""
+    if "score_error" in table.column_names:
+        old = table["score_error"].to_pylist()
+        errors = ["; ".join(x for x in (o, e) if x) or None for o, e in zip(old, errors)]
+        table = table.drop_columns(["score_error"])
+    return table.append_column("score_error", pa.array(errors, pa.string()))
+
+
+def _valid(table: pa.Table) -> list[bool]:
+    return pc.is_null(table["error"]).to_pylist()
+
+
+def _scatter(values: list, ok: list[bool], fill: Any = None) -> list:
+    it = iter(values)
+    return [next(it) if good else fill for good in ok]
+
+
+def score_length_batch(table: pa.Table, unit: str, tokenizer_path: str | None) -> pa.Table:
+    """Ray Data UDF: ``score_length`` (null for rows that failed validation)."""
     from . import models
 
-    ok = pc.is_null(table["error"]).to_pylist()
+    ok = _valid(table)
     msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
     tok = models.load_tokenizer(tokenizer_path) if unit == "tokens" else None
-    scores = iter(length_scores(msgs, unit, tok))
-    col = [float(next(scores)) if good else None for good in ok]
-    return table.append_column("score", pa.array(col, pa.float64()))
+    col = _scatter([float(x) for x in scoring.length_scores(msgs, unit, tok)], ok)
+    return table.append_column("score_length", pa.array(col, pa.float64()))
+
+
+def score_random_batch(table: pa.Table, seed: int) -> pa.Table:
+    """Ray Data UDF: ``score_random``, uniform in [0, 1), a function of (seed, id) only."""
+    ok = _valid(table)
+    ids = [i for i, good in zip(table["id"].to_pylist(), ok) if good]
+    return table.append_column("score_random", pa.array(_scatter(scoring.random_scores(ids, seed), ok), pa.float64()))
+
+
+SCORE_LIST = pa.list_(pa.float64())
+SCORER_COLUMNS = {"length": ["score_length"], "random": ["score_random"],
+                  "deita": ["deita_complexity", "deita_quality", "score_deita_evol", "score_error"],
+                  "rating": ["score_rating", "score_error"]}
+
+
+class DeitaScorer:
+    """Ray Data actor: Deita's complexity and quality scorers (transformers), one forward pass per batch."""
+
+    def __init__(self, complexity_model: str, quality_model: str, max_length: int, batch_size: int, threads: int,
+                 use_gpu: bool, dtype: str = "auto"):
+        import torch
+
+        torch.set_num_threads(threads)
+        device = "cuda" if use_gpu else "cpu"
+        self.complexity = scoring.CausalLMScorer(complexity_model, max_length, batch_size, device, dtype)
+        self.quality = (self.complexity if quality_model == complexity_model else
+                        scoring.CausalLMScorer(quality_model, max_length, batch_size, device, dtype))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ok = _valid(table)
+        msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
+        res = _scatter(scoring.deita_scores(msgs, self.complexity, self.quality), ok, {})
+        return _merge_errors(
+            table.append_column("deita_complexity", pa.array([r.get("deita_complexity") for r in res], SCORE_LIST))
+            .append_column("deita_quality", pa.array([r.get("deita_quality") for r in res], SCORE_LIST))
+            .append_column("score_deita_evol", pa.array([r.get("score_deita_evol") for r in res], pa.float64())),
+            [r.get("error") for r in res],
+        )
+
+
+class LocalRater:
+    """Ray Data actor: a local chat model rates each row 1-5 (greedy; an unparsed answer is a null score)."""
+
+    def __init__(self, model_path: str, template: str, max_new_tokens: int, threads: int, use_gpu: bool):
+        import torch
+
+        from . import models
+
+        torch.set_num_threads(threads)
+        self.model, self.tok = models.load_for_generation(model_path, use_gpu)
+        self.template, self.max_new_tokens = template, max_new_tokens
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from . import models
+
+        ok = _valid(table)
+        msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
+        convs = [[{"role": "user", "content": scoring.rating_prompt(m, self.template)}] for m in msgs]
+        answers = models.greedy_generate(self.model, self.tok, convs, self.max_new_tokens)[0] if convs else []
+        return _rated(table, ok, answers, [None] * len(answers))
+
+
+def rate_openai_batch(table: pa.Table, model: str, template: str, max_new_tokens: int, endpoint: Any,
+                      timeout_s: float, concurrency: int) -> pa.Table:
+    """Ray Data UDF: an OpenAI-compatible endpoint (an :class:`endpoints.Endpoint`) rates each row 1-5."""
+    from .endpoints import complete_openai
+
+    ok = _valid(table)
+    rows = [(i, m) for i, m, good in zip(table["id"].to_pylist(), table["messages"].to_pylist(), ok) if good]
+    requests = [{"id": i, "messages": [{"role": "user", "content": scoring.rating_prompt(m, template)}]} for i, m in rows]
+    out = complete_openai(requests, model, endpoint, None, max_new_tokens, timeout_s, concurrency)
+    return _rated(table, ok, [o["answer"] for o in out], [o["error"] for o in out])
+
+
+def _rated(table: pa.Table, ok: list[bool], answers: list[str], errors: list[str | None]) -> pa.Table:
+    scores, reasons = [], []
+    for a, err in zip(answers, errors):
+        score, why = (None, f"endpoint error: {err}") if err else scoring.parse_rating(a)
+        scores.append(score)
+        reasons.append(f"rating: {why}" if why else None)
+    return _merge_errors(
+        table.append_column("score_rating", pa.array(_scatter(scores, ok), pa.float64())),
+        _scatter(reasons, ok),
+    )
+
+
+def _actor_kwargs(pool: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    return {"compute": ray.data.ActorPoolStrategy(size=pool["num_actors"]), "num_cpus": pool["cpus_per_actor"],
+            "num_gpus": pool["gpus_per_actor"] or None}
+
+
+def _threads(pool: dict[str, Any]) -> int:
+    return max(1, math.ceil(pool["cpus_per_actor"]))
+
+
+def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int) -> Any:
+    """Chain the configured scorers onto a Ray Data dataset of normalised rows."""
+    columns = list(ROWS_SCHEMA.names)
+    for name in spec["scorers"]:
+        if name == "length":
+            ds = ds.map_batches(score_length_batch, fn_kwargs={"unit": spec["length_unit"],
+                                                               "tokenizer_path": spec.get("tokenizer")},
+                                batch_size=batch_size, batch_format="pyarrow")
+        elif name == "random":
+            ds = ds.map_batches(score_random_batch, fn_kwargs={"seed": spec["seed"]}, batch_size=batch_size,
+                                batch_format="pyarrow")
+        elif name == "deita":
+            d = spec["deita"]
+            if d["backend"] == "vllm":
+                from . import deita_vllm
+
+                ds = deita_vllm.add_deita_vllm(ds, d, columns)
+            else:
+                ds = ds.map_batches(
+                    DeitaScorer,
+                    fn_constructor_kwargs={"complexity_model": d["complexity_model"], "quality_model": d["quality_model"],
+                                           "max_length": d["max_length"], "batch_size": d["batch_size"],
+                                           "threads": _threads(d), "use_gpu": d["gpus_per_actor"] > 0,
+                                           "dtype": d["dtype"]},
+                    batch_size=max(d["batch_size"], 16), batch_format="pyarrow", **_actor_kwargs(d))
+        elif name == "rating":
+            r = spec["rating"]
+            template = r.get("prompt") or scoring.RATING_PROMPT
+            if r["backend"] == "openai":
+                from .endpoints import Endpoint
+
+                ds = ds.map_batches(
+                    rate_openai_batch,
+                    fn_kwargs={"model": r["model"], "template": template, "max_new_tokens": r["max_new_tokens"],
+                               "endpoint": Endpoint(r["api_base_env"], r["api_key_env"]),
+                               "timeout_s": r["timeout_s"], "concurrency": r["concurrency"]},
+                    batch_size=r["batch_size"] * r["concurrency"], batch_format="pyarrow")
+            else:
+                ds = ds.map_batches(
+                    LocalRater,
+                    fn_constructor_kwargs={"model_path": r["model"], "template": template,
+                                           "max_new_tokens": r["max_new_tokens"], "threads": _threads(r),
+                                           "use_gpu": r["gpus_per_actor"] > 0},
+                    batch_size=r["batch_size"], batch_format="pyarrow", **_actor_kwargs(r))
+        else:
+            raise SelectError(f"unknown scorer {name!r}")
+        columns = [*dict.fromkeys([*columns, *SCORER_COLUMNS[name]])]
+    return ds
 
 
 class TopK:
@@ -170,66 +319,107 @@ def _repr_filter(scored: Path, score_col: str, k: int, tau: float, emb: dict[str
     return table, {"scanned": f.scanned, "kept": f.n, "rejected_as_similar": f.scanned - f.n}
 
 
-def run_select(sources: list[str], fmt: str, k: int, unit: str, tokenizer_path: str | None, out_dir: Path,
-               allow_fewer: bool = False, batch_size: int = 1024, selector: str = "top_k", tau: float = 0.9,
-               embedding: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Select k rows; writes ``selected.parquet``, ``scored.parquet`` (the whole valid pool with its scores)
-    and ``set_aside.jsonl`` into ``out_dir``."""
+def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = None, length_unit: str = "tokens",
+         tokenizer: str | None = None, seed: int = 0, selector: str = "top_k", tau: float = 0.9,
+         deita: dict[str, Any] | None = None, rating: dict[str, Any] | None = None,
+         embedding: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A selection spec (what :func:`run_select` takes) with the config's defaults."""
+    from .config import SCORE_COLUMNS, DeitaConfig, EmbeddingConfig, RatingConfig, config_dict
+
+    scorers = scorers or ["length"]
+    return {"scorers": scorers, "ranking": ranking or {SCORE_COLUMNS[scorers[0]]: 1.0}, "length_unit": length_unit,
+            "tokenizer": tokenizer, "seed": seed, "selector": selector, "tau": tau,
+            "deita": {**config_dict(DeitaConfig()), **(deita or {})},
+            "rating": {**config_dict(RatingConfig()), **(rating or {})},
+            "embedding": {**config_dict(EmbeddingConfig()), **(embedding or {})}}
+
+
+def _reason_key(field: str, error: str) -> str:
+    """A short, countable reason: the field and the error's kind, numbers blanked."""
+    return f"{field}: {re.sub(r'[0-9]+', 'N', error.split(';')[0].split(':')[0])}"
+
+
+def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Table, str]:
+    """Split scored rows into ranked ones (with ``score`` = the weighted sum) and ones with a null ranking score."""
+    cols = list(ranking)
+    null = pc.is_null(good[cols[0]])
+    for c in cols[1:]:
+        null = pc.or_(null, pc.is_null(good[c]))
+    unscored = good.filter(null)
+    ranked = good.filter(pc.invert(null))
+    total = None
+    for c, w in ranking.items():
+        term = pc.multiply(ranked[c], w)
+        total = term if total is None else pc.add(total, term)
+    return ranked.append_column("score", total.cast(pa.float64())), unscored, "+".join(cols)
+
+
+def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir: Path, allow_fewer: bool = False,
+               batch_size: int = 1024) -> dict[str, Any]:
+    """Select k rows as the spec ``s`` says (see :func:`spec`). Writes ``selected.parquet`` (with every score,
+    the ranking ``score`` and ``rank``), ``scored.parquet`` (the whole ranked pool) and ``set_aside.jsonl``
+    (rows that failed validation or scoring, each with its field and reason)."""
+    import time
+
     import ray
 
     paths = formats.expand_paths(sources)
     shards = formats.plan_shards(paths)
-    ds = (
-        ray.data.from_items([s.to_dict() for s in shards])
-        .map_batches(read_batch, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="numpy")
-        .map_batches(score_batch, fn_kwargs={"unit": unit, "tokenizer_path": tokenizer_path},
-                     batch_size=batch_size, batch_format="pyarrow")
-    )
-    score_col = f"score_length_{unit}"
+    ds = ray.data.from_items([sh.to_dict() for sh in shards]).map_batches(
+        read_batch, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="numpy")
+    ds = add_scorers(ds, s, batch_size)
+    ranking, selector = s["ranking"], s["selector"]
     top = TopK(k)
-    n_read = n_valid = n_bad = 0
+    n_read = n_valid = n_invalid = n_unscored = 0
     reasons: dict[str, int] = {}
     aside_path, scored_path = out_dir / "set_aside.jsonl", out_dir / "scored.parquet"
     writer: pq.ParquetWriter | None = None
+    t0 = time.perf_counter()
     with open(aside_path, "w") as aside:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
             n_read += batch.num_rows
             bad_mask = pc.is_valid(batch["error"])
             bad = batch.filter(bad_mask)
             good = batch.filter(pc.invert(bad_mask)).drop_columns(["field", "error"])
-            n_bad += bad.num_rows
-            n_valid += good.num_rows
-            for r in bad.select(["source", "row", "id", "field", "error"]).to_pylist():
-                reason = f"{r['field']}: {r['error'].split(':')[0]}"
-                reasons[reason] = reasons.get(reason, 0) + 1
+            ranked, unscored, _ = _ranked(good, ranking)
+            n_invalid += bad.num_rows
+            n_unscored += unscored.num_rows
+            n_valid += ranked.num_rows
+            aside_rows = bad.select(["source", "row", "id", "field", "error"]).to_pylist()
+            for r in unscored.to_pylist():
+                field = next(c for c in ranking if r[c] is None)
+                aside_rows.append({"source": r["source"], "row": r["row"], "id": r["id"], "field": field,
+                                   "error": r.get("score_error") or "no score"})
+            for r in aside_rows:
+                key = _reason_key(r["field"], r["error"])
+                reasons[key] = reasons.get(key, 0) + 1
                 aside.write(json.dumps(r) + "\n")
-            if good.num_rows:
-                good = good.rename_columns([score_col if c == "score" else c for c in good.column_names])
+            if ranked.num_rows:
                 if writer is None:
-                    writer = pq.ParquetWriter(scored_path, good.schema)
-                writer.write_table(good)
+                    writer = pq.ParquetWriter(scored_path, ranked.schema)
+                writer.write_table(ranked)
                 if selector == "top_k":
-                    top.add(good.rename_columns(["score" if c == score_col else c for c in good.column_names]))
+                    top.add(ranked)
     if writer is not None:
         writer.close()
+    scoring_s = time.perf_counter() - t0
+    n_bad = n_invalid + n_unscored
     if n_valid < k and not allow_fewer:
         raise SelectError(
-            f"select.k={k} is larger than the pool: {n_valid} valid rows in {', '.join(paths)} "
+            f"select.k={k} is larger than the pool: {n_valid} valid, scored rows in {', '.join(paths)} "
             f"({n_bad} set aside, see {aside_path}); lower k or set select.allow_fewer=true"
         )
     counts: dict[str, Any] = {"rows_read": n_read, "rows_kept": n_valid, "rows_set_aside": n_bad,
-                              "set_aside_reasons": reasons}
+                              "rows_invalid": n_invalid, "rows_unscored": n_unscored, "set_aside_reasons": reasons}
     if selector == "top_k":
         selected = top.result()
-        if selected.num_rows:
-            selected = selected.rename_columns([score_col if c == "score" else c for c in selected.column_names])
     elif n_valid == 0:
         selected = pa.table({})
     else:
-        selected, counts["repr_filter"] = _repr_filter(scored_path, score_col, k, tau, embedding or {}, batch_size)
+        selected, counts["repr_filter"] = _repr_filter(scored_path, "score", k, s["tau"], s["embedding"], batch_size)
         if selected.num_rows < k and not allow_fewer:
             raise SelectError(
-                f"only {selected.num_rows} of {n_valid} valid rows pass the repr filter at tau={tau} (k={k}); "
+                f"only {selected.num_rows} of {n_valid} valid rows pass the repr filter at tau={s['tau']} (k={k}); "
                 "raise select.tau, lower k or set select.allow_fewer=true"
             )
     selected = selected.append_column("rank", pa.array(range(1, selected.num_rows + 1), pa.int64()))
@@ -237,11 +427,13 @@ def run_select(sources: list[str], fmt: str, k: int, unit: str, tokenizer_path: 
     counts["rows_selected"] = selected.num_rows
     if n_bad:
         log.warning("select: %d of %d rows set aside (%s); see %s", n_bad, n_read, reasons, aside_path)
-    scores = selected[score_col] if selected.num_rows else pa.array([], pa.float64())
+    scores = selected["score"] if selected.num_rows else pa.array([], pa.float64())
     return {
         "outputs": {"selected": str(out_dir / "selected.parquet"), "scored": str(scored_path),
                     "set_aside": str(aside_path)},
         "counts": counts,
-        "metrics": {"files": paths, "score": f"length_{unit}", "selector": selector,
+        "metrics": {"files": paths, "scorers": s["scorers"], "ranking": ranking, "length_unit": s["length_unit"],
+                    "selector": selector, "read_and_score_s": round(scoring_s, 3),
+                    "rows_per_s": round(n_read / scoring_s, 1) if scoring_s else None,
                     "selected_score_min": pc.min(scores).as_py(), "selected_score_max": pc.max(scores).as_py()},
     }

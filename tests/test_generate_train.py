@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -12,41 +10,6 @@ from alignment import generate, train
 
 GEN = {"backend": "transformers", "max_new_tokens": 6, "batch_size": 4, "num_actors": 1, "cpus_per_actor": 1.0,
        "gpus_per_actor": 0.0}
-
-
-class _FakeOpenAI(BaseHTTPRequestHandler):
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _FakeOpenAI.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        if "fail" in body["messages"][-1]["content"]:
-            self.send_response(500)
-            self.end_headers()
-            return
-        reply = {"choices": [{"message": {"content": f"8 3\nbecause {body['model']}"}}],
-                 "usage": {"completion_tokens": 5}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def fake_endpoint(monkeypatch):
-    server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _FakeOpenAI.seen = []
-    monkeypatch.setenv("TEST_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
-    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
-    yield _FakeOpenAI.seen
-    server.shutdown()
 
 
 def test_openai_compatible_endpoint(fake_endpoint):

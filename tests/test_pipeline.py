@@ -122,4 +122,4 @@ def test_cli_stage_and_errors(ray_local, tmp_path, tiny_model, capsys):
     assert "select.kk: unknown key" in err and str(path) in err
 
     assert main(["select", "--config", str(path), "select.k=100000"]) == 1
-    assert "larger than the pool: 198 valid rows" in capsys.readouterr().err
+    assert "larger than the pool: 198 valid, scored rows" in capsys.readouterr().err

@@ -50,15 +50,16 @@ def test_select_on_local_ray_with_real_data(ray_local, tmp_path, tiny_model):
     sources = [str(shared("sft", "lima_1k.json")), str(bad)]
     out1, out2 = tmp_path / "one", tmp_path / "two"
     out1.mkdir(), out2.mkdir()
-    r1 = select.run_select(sources, "auto", 25, "words", None, out1)
-    r2 = select.run_select(sources, "auto", 25, "words", None, out2)
+    r1 = select.run_select(sources, "auto", 25, select.spec(length_unit="words"), out1)
+    r2 = select.run_select(sources, "auto", 25, select.spec(length_unit="words"), out2)
     c = r1["counts"]
     assert (c["rows_read"], c["rows_kept"], c["rows_set_aside"], c["rows_selected"]) == (1003, 1001, 2, 25)
     assert c["rows_read"] == c["rows_kept"] + c["rows_set_aside"]
     t = pq.read_table(r1["outputs"]["selected"])
     assert t.equals(pq.read_table(r2["outputs"]["selected"]))  # the same selection twice
     assert t["rank"].to_pylist() == list(range(1, 26))
-    scores = t["score_length_words"].to_pylist()
+    scores = t["score_length"].to_pylist()
+    assert scores == t["score"].to_pylist()
     assert scores == sorted(scores, reverse=True)
     # the selection really is the 25 longest LIMA answers, traced to their source rows
     good, _ = formats.read_rows(str(shared("sft", "lima_1k.json")), "sft")
@@ -74,9 +75,9 @@ def test_select_on_local_ray_with_real_data(ray_local, tmp_path, tiny_model):
 
 def test_k_larger_than_the_pool_is_a_clear_error(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "small.jsonl", [{"instruction": "q", "output": "a"}] * 3)
-    with pytest.raises(select.SelectError, match=r"select.k=5 is larger than the pool: 3 valid rows"):
-        select.run_select([str(src)], "auto", 5, "chars", None, tmp_path)
-    r = select.run_select([str(src)], "auto", 5, "chars", None, tmp_path, allow_fewer=True)
+    with pytest.raises(select.SelectError, match=r"select.k=5 is larger than the pool: 3 valid, scored rows"):
+        select.run_select([str(src)], "auto", 5, select.spec(length_unit="chars"), tmp_path)
+    r = select.run_select([str(src)], "auto", 5, select.spec(length_unit="chars"), tmp_path, allow_fewer=True)
     assert r["counts"]["rows_selected"] == 3
 
 
@@ -134,15 +135,15 @@ def test_repr_filter_selector_on_local_ray_matches_the_rule(ray_local, tmp_path)
     src = write_jsonl(tmp_path / "pool.jsonl", rows + dups)
     emb = {"model": "all-minilm-l6-v2", "batch_size": 16, "num_actors": 1, "cpus_per_actor": 1.0,
            "gpus_per_actor": 0.0}
-    r = select.run_select([str(src)], "auto", 15, "words", None, tmp_path, batch_size=8, selector="repr_filter",
-                          tau=0.9, embedding=emb)
+    r = select.run_select([str(src)], "auto", 15, select.spec(length_unit="words", selector="repr_filter", tau=0.9,
+                                                              embedding=emb), tmp_path, batch_size=8)
     got = pq.read_table(r["outputs"]["selected"])
     assert got.num_rows == 15 and got["rank"].to_pylist() == list(range(1, 16))
     assert got.schema.field("embedding").type.list_size == 384
 
     # the rule, in process: the same scored pool, ordered by score then id, embedded here
     pool = sorted(pq.read_table(r["outputs"]["scored"]).to_pylist(),
-                  key=lambda x: (-x["score_length_words"], x["id"], x["source"], x["row"]))
+                  key=lambda x: (-x["score_length"], x["id"], x["source"], x["row"]))
     model = SentenceTransformer(select.embedding_model_path("all-minilm-l6-v2"), device="cpu")
     e = model.encode([select.conversation_text(x["messages"]) for x in pool], normalize_embeddings=True)
     assert got["id"].to_pylist() == [pool[i]["id"] for i in diversity.repr_filter_reference(e, 15, 0.9)]

@@ -1,0 +1,317 @@
+"""Row scorers for selection: response length, seeded random, Deita's complexity and quality, an LLM's 1-5 rating.
+
+Plain functions and classes over lists of conversations (``[{"role", "content"}]``); the select stage runs them
+as Ray Data stages. A row that cannot be scored gets a null score and a reason, never a default
+(Deita's reference code returns 3.0 on any failure, which silently corrupts rankings).
+
+Deita (REFERENCE.md section 1): the score is the expected value of the next-token distribution restricted
+to the tokens "1".."6", whose ids are looked up from the scorer's tokenizer. The fast path runs one forward
+pass per batch (right padding, the last real token's hidden state, the output head restricted to the six
+rows); :func:`reference_expected_score` is the reference's way (a two-token ``generate`` per prompt), kept for
+parity tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import formats
+
+COMPLEXITY_PROMPT = (
+    "You are a helpful assistant. Please identify the complexity score of the following user query. \n"
+    "##Query: {instruction}  \n##Complexity: "
+)
+QUALITY_PROMPT = (
+    "You are a helpful assistant. Please identify the quality score of the Response corresponding to the "
+    "Question. \n #Question#:\n{instruction}\n#Response#:\n{output} \n##Quality: "
+)
+SCORE_TOKENS = ("1", "2", "3", "4", "5", "6")
+
+# The quality baseline of Long Is More: an LLM rates each example on a 1-5 Likert scale. This wording is ours;
+# select.rating.prompt replaces it ({instruction} and {response} are filled in).
+RATING_PROMPT = (
+    "Rate the quality of the assistant's response to the instruction on a scale from 1 (very poor) to 5 "
+    "(excellent), considering helpfulness, accuracy, relevance and level of detail.\n\n"
+    "[Instruction]\n{instruction}\n\n[Response]\n{response}\n\n"
+    "Reply with the rating only, a single digit from 1 to 5."
+)
+
+
+class ScorerError(ValueError):
+    """A scorer that cannot be used at all (as opposed to a row that cannot be scored)."""
+
+
+# ------------------------------------------------------------------------------------------ length, random
+
+
+def length_scores(messages: Sequence[list[dict]], unit: str, tokenizer: Any = None) -> list[int]:
+    """Length of all assistant turns of each conversation, in chars, words or tokens (Long Is More)."""
+    texts_per_row = [formats.assistant_texts(m) for m in messages]
+    if unit == "chars":
+        return [sum(len(t) for t in ts) for ts in texts_per_row]
+    if unit == "words":
+        return [sum(len(t.split()) for t in ts) for ts in texts_per_row]
+    if unit == "tokens":
+        if tokenizer is None:
+            raise ScorerError("length in tokens needs a tokenizer")
+        flat = [t for ts in texts_per_row for t in ts]
+        ids = tokenizer(flat, add_special_tokens=False, return_attention_mask=False)["input_ids"] if flat else []
+        out, i = [], 0
+        for ts in texts_per_row:
+            out.append(sum(len(x) for x in ids[i:i + len(ts)]))
+            i += len(ts)
+        return out
+    raise ScorerError(f"unknown length unit {unit!r}")
+
+
+def random_scores(ids: Sequence[str], seed: int) -> list[float]:
+    """A uniform [0, 1) score per row id: the same for the same (seed, id), however the rows are batched."""
+    out = []
+    for i in ids:
+        h = hashlib.blake2b(f"{seed}\x00{i}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(h, "big") / 2**64)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- Deita
+
+
+def deita_turns(messages: list[dict]) -> list[tuple[str, str]]:
+    """(instruction, response) per turn; system turns skipped; a trailing user turn gets an empty response."""
+    turns: list[tuple[str, str]] = []
+    pending: str | None = None
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if m["role"] == "user":
+            if pending is not None:
+                raise ValueError("two user turns in a row")
+            pending = m["content"]
+        elif m["role"] == "assistant":
+            if pending is None:
+                raise ValueError("an assistant turn without a user turn before it")
+            turns.append((pending, m["content"]))
+            pending = None
+        else:
+            raise ValueError(f"unknown role {m['role']!r}")
+    if pending is not None:
+        turns.append((pending, ""))
+    if not turns:
+        raise ValueError("no user turn")
+    return turns
+
+
+def complexity_prompt(instruction: str) -> str:
+    return COMPLEXITY_PROMPT.format(instruction=instruction)
+
+
+def quality_prompt(instruction: str, output: str) -> str:
+    return QUALITY_PROMPT.format(instruction=instruction, output=output)
+
+
+def score_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of the tokens "1".."6" in this tokenizer (each must be a single token)."""
+    ids = []
+    for d in SCORE_TOKENS:
+        enc = tokenizer.encode(d, add_special_tokens=False)
+        # SentencePiece tokenizers may prefix a word-boundary piece ("▁", "1"): the digit is the last piece.
+        tid = tokenizer.convert_tokens_to_ids(d)
+        if tid is None or tid == tokenizer.unk_token_id:
+            tid = enc[-1] if enc else None
+        if tid is None or tokenizer.decode([tid]).strip() != d:
+            raise ScorerError(f"the scorer's tokenizer has no single token for {d!r} (encodes as {enc})")
+        ids.append(int(tid))
+    if len(set(ids)) != 6:
+        raise ScorerError(f"the score tokens '1'..'6' do not have six distinct ids: {ids}")
+    return ids
+
+
+def expected_scores(logits: np.ndarray) -> np.ndarray:
+    """``sum_i i * softmax(logits)_i`` per row of an ``[n, 6]`` array of the six score tokens' logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p @ np.arange(1, 7, dtype=np.float64)
+
+
+def evol_score(complexity: Sequence[float | None], quality: Sequence[float | None]) -> float | None:
+    """Deita's evol score ``sum_t c_t * q_t``; null if any turn is unscored."""
+    if any(c is None for c in complexity) or any(q is None for q in quality) or len(complexity) != len(quality):
+        return None
+    return float(sum(c * q for c, q in zip(complexity, quality)))
+
+
+class CausalLMScorer:
+    """A causal LM that scores prompts by the expected value over its "1".."6" tokens, batched.
+
+    One forward pass per batch of prompts sorted by length (less padding), right-padded so that every real
+    token sees exactly the tokens it would see alone; the output head is applied to the last real token's
+    hidden state only, restricted to the six score tokens' rows.
+    """
+
+    def __init__(self, model_path: str, max_length: int = 2048, batch_size: int = 8, device: str = "cpu",
+                 dtype: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from . import models
+
+        path = models.materialize(model_path)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        torch_dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "float32": torch.float32,
+                       "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+        self.ids = score_token_ids(self.tok)
+        head = self.model.get_output_embeddings()
+        self.head_w = head.weight[self.ids].detach()
+        self.head_b = head.bias[self.ids].detach() if getattr(head, "bias", None) is not None else None
+        self.body = self.model.base_model
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = device
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
+    def encode(self, prompt: str) -> list[int]:
+        # As the reference: tokenizer.encode(prompt), the tokenizer's own special tokens included.
+        return self.tok(prompt)["input_ids"]
+
+    def score_logits(self, prompts: Sequence[str]) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """The six score tokens' next-token logits per prompt, or None and a reason."""
+        import torch
+
+        encoded = [self.encode(p) for p in prompts]
+        logits: list[np.ndarray | None] = [None] * len(prompts)
+        reasons: list[str | None] = [None] * len(prompts)
+        todo = []
+        for i, ids in enumerate(encoded):
+            if len(ids) > self.max_length:
+                reasons[i] = f"prompt of {len(ids)} tokens > max_length {self.max_length}"
+            elif not ids:
+                reasons[i] = "empty prompt"
+            else:
+                todo.append(i)
+        todo.sort(key=lambda i: -len(encoded[i]))
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            width = len(encoded[chunk[0]])
+            input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                n = len(encoded[i])
+                input_ids[r, :n] = torch.tensor(encoded[i])
+                mask[r, :n] = 1
+            with torch.inference_mode():
+                hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
+                                   ).last_hidden_state
+                last = hidden[torch.arange(len(chunk)), mask.sum(dim=1).to(self.device) - 1]
+                out = last @ self.head_w.T
+                if self.head_b is not None:
+                    out = out + self.head_b
+            out = out.float().cpu().numpy()
+            for r, i in enumerate(chunk):
+                if not np.all(np.isfinite(out[r])):
+                    reasons[i] = "non-finite logits"
+                else:
+                    logits[i] = out[r]
+        return logits, reasons
+
+    def score(self, prompts: Sequence[str]) -> tuple[list[float | None], list[str | None]]:
+        logits, reasons = self.score_logits(prompts)
+        ok = [i for i, x in enumerate(logits) if x is not None]
+        scores: list[float | None] = [None] * len(prompts)
+        if ok:
+            values = expected_scores(np.stack([logits[i] for i in ok]))
+            for i, v in zip(ok, values):
+                scores[i] = float(v)
+        return scores, reasons
+
+
+def reference_expected_score(model: Any, tokenizer: Any, prompt: str, ids: Sequence[int]) -> float:
+    """Deita's reference way, one prompt at a time: a two-token greedy ``generate``, the first step's scores."""
+    import torch
+
+    input_ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=2,
+                             num_return_sequences=1, return_dict_in_generate=True, output_scores=True,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    first = out.scores[0][0]
+    return float(expected_scores(first[list(ids)].float().cpu().numpy()[None])[0])
+
+
+def deita_prompts(messages: list[dict]) -> tuple[list[str], list[str]]:
+    turns = deita_turns(messages)
+    return [complexity_prompt(q) for q, _ in turns], [quality_prompt(q, a) for q, a in turns]
+
+
+def deita_scores(conversations: Sequence[list[dict]], complexity: CausalLMScorer, quality: CausalLMScorer
+                 ) -> list[dict[str, Any]]:
+    """Per conversation: ``deita_complexity`` and ``deita_quality`` (per-turn lists), ``score_deita_evol``,
+    and ``error`` (None, or why a turn could not be scored)."""
+    plans: list[tuple[list[str], list[str]] | str] = []
+    for m in conversations:
+        try:
+            plans.append(deita_prompts(m))
+        except ValueError as e:
+            plans.append(f"deita: {e}")
+    cp = [p for plan in plans if not isinstance(plan, str) for p in plan[0]]
+    qp = [p for plan in plans if not isinstance(plan, str) for p in plan[1]]
+    cs, cr = complexity.score(cp)
+    qs, qr = quality.score(qp)
+    out, i = [], 0
+    for plan in plans:
+        if isinstance(plan, str):
+            out.append({"deita_complexity": None, "deita_quality": None, "score_deita_evol": None, "error": plan})
+            continue
+        n = len(plan[0])
+        c, q = cs[i:i + n], qs[i:i + n]
+        why = [f"deita complexity, turn {t + 1}: {r}" for t, r in enumerate(cr[i:i + n]) if r]
+        why += [f"deita quality, turn {t + 1}: {r}" for t, r in enumerate(qr[i:i + n]) if r]
+        out.append({"deita_complexity": c, "deita_quality": q, "score_deita_evol": evol_score(c, q),
+                    "error": "; ".join(why) or None})
+        i += n
+    return out
+
+
+def expected_score_from_logprobs(top: dict[Any, Any] | None, ids: Sequence[int]) -> tuple[float | None, str | None]:
+    """The expected score from one generated position's top logprobs (vLLM: ``{token_id: {"logprob": ...}}``,
+    keys may be strings after Arrow); a missing score token is a failure, not a guess."""
+    if not top:
+        return None, "no logprobs returned"
+    by_id = {int(k): (v["logprob"] if isinstance(v, dict) else float(v)) for k, v in top.items() if v is not None}
+    missing = [SCORE_TOKENS[j] for j, t in enumerate(ids) if t not in by_id]
+    if missing:
+        return None, f"score tokens {missing} not among the {len(by_id)} returned logprobs (raise logprobs)"
+    return float(expected_scores(np.array([[by_id[t] for t in ids]]))[0]), None
+
+
+# -------------------------------------------------------------------------------------------- LLM rating
+
+
+def rating_prompt(messages: list[dict], template: str = RATING_PROMPT) -> str:
+    """The rating request for one conversation: the last assistant turn rated against what came before it."""
+    turns = [m for m in messages if m["role"] != "system"]
+    last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
+    before = turns[:last]
+    if len(before) == 1:
+        instruction = before[0]["content"]
+    else:
+        instruction = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in before)
+    return template.format(instruction=instruction, response=turns[last]["content"])
+
+
+_RATING = re.compile(r"(?<![\d.])([1-5])(?![\d.])")
+
+
+def parse_rating(text: str) -> tuple[float | None, str | None]:
+    """The first standalone digit 1-5 of the first non-empty line; anything else is unparsed, never guessed."""
+    line = next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
+    m = _RATING.search(line)
+    if not m:
+        return None, f"unparsed rating: {line[:80]!r}"
+    return float(m.group(1)), None

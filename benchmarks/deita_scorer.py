@@ -1,0 +1,98 @@
+"""Benchmark (c): Deita's complexity and quality scores, batched, against the reference's one-row-at-a-time way.
+
+    .venv/bin/python benchmarks/deita_scorer.py [--rows 2000] [--model smollm2-135m-instruct] [--batch-size 8]
+
+SmolLM2-135M-Instruct stands in for the 7B Deita scorers (the method does not depend on the model). The rows
+are real instruction data from ../shared/data/sft (Alpaca, then Evol-Instruct, then LIMA, in file order).
+Every row gets a complexity and a quality score per turn. Measured in one process, on the same rows:
+- batched: :class:`alignment.scoring.CausalLMScorer`, one forward pass per batch of length-sorted prompts,
+  the output head on the last real token only;
+- per row: the reference's way, a two-token greedy ``generate`` per prompt, the first step's scores;
+then rows/s of each, the ratio, and the largest difference between the two scores (target: < 1e-3).
+``--reference-rows N`` runs the per-row way on the first N rows only (its rate is then measured on those,
+and the script says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alignment import formats, models, scoring  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "sft"
+FILES = ["alpagasus_alpaca_1k.json", "evol_instruct_1k.json", "lima_1k.json"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--reference-rows", type=int, default=None, help="per-row way on the first N rows only")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[list[dict]] = []
+    for name in FILES:
+        good, _ = formats.read_rows(str(DATA / name), "sft")
+        rows += [g["messages"] for g in good]
+    rows = rows[:args.rows]
+    path = models.resolve(args.model)
+    plans = [scoring.deita_prompts(m) for m in rows]
+    prompts = [p for c, q in plans for p in c + q]
+    print(f"{len(rows)} rows, {len(prompts)} prompts (complexity + quality per turn), model {args.model}, "
+          f"device {args.device}, torch threads {torch.get_num_threads()}")
+
+    scorer = scoring.CausalLMScorer(path, args.max_length, args.batch_size, args.device, "float32")
+    scorer.score(prompts[:4])  # warm-up
+    t = time.perf_counter()
+    fast, reasons = scorer.score(prompts)
+    fast_s = time.perf_counter() - t
+    n_tokens = sum(min(len(scorer.encode(p)), args.max_length) for p in prompts)
+    print(f"batched (batch {args.batch_size}): {fast_s:.1f} s, {len(rows) / fast_s:.1f} rows/s, "
+          f"{n_tokens / fast_s:.0f} prompt tokens/s; unscored prompts: {sum(r is not None for r in reasons)}")
+
+    n_ref = args.reference_rows or len(rows)
+    ref_prompts = [p for c, q in plans[:n_ref] for p in c + q]
+    model, tok = scorer.model, scorer.tok
+    scoring.reference_expected_score(model, tok, ref_prompts[0], scorer.ids)  # warm-up
+    t = time.perf_counter()
+    ref: list[float | None] = []
+    for p in ref_prompts:
+        ref.append(None if len(scorer.encode(p)) > args.max_length else
+                   scoring.reference_expected_score(model, tok, p, scorer.ids))
+    ref_s = time.perf_counter() - t
+    print(f"per row (two-token generate){'' if n_ref == len(rows) else f', first {n_ref} rows'}: {ref_s:.1f} s, "
+          f"{n_ref / ref_s:.1f} rows/s")
+
+    pairs = [(a, b) for a, b in zip(fast[:len(ref)], ref) if a is not None and b is not None]
+    diff = max(abs(a - b) for a, b in pairs) if pairs else float("nan")
+    same_nulls = all((a is None) == (b is None) for a, b in zip(fast[:len(ref)], ref))
+    ratio = (len(rows) / fast_s) / (n_ref / ref_s)
+    print(f"speed-up: {ratio:.1f}x rows/s (target >= 3x on CPU); max |batched - per-row| = {diff:.2e} over "
+          f"{len(pairs)} prompts (target < 1e-3); same unscored prompts: {same_nulls}")
+    evol, i = [], 0
+    for c, q in plans:
+        evol.append(scoring.evol_score(fast[i:i + len(c)], fast[i + len(c):i + len(c) + len(q)]))
+        i += len(c) + len(q)
+    ok = [e for e in evol if e is not None]
+    print(f"evol scores: {len(ok)} rows, mean {np.mean(ok):.2f}, min {min(ok):.2f}, max {max(ok):.2f}")
+    return 0 if diff < 1e-3 and same_nulls else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
