@@ -195,7 +195,7 @@ def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int) -> Any:
                                            "max_length": d["max_length"], "batch_size": d["batch_size"],
                                            "threads": _threads(d), "use_gpu": d["gpus_per_actor"] > 0,
                                            "dtype": d["dtype"]},
-                    batch_size=max(d["batch_size"], 16), batch_format="pyarrow", **_actor_kwargs(d))
+                    batch_size=max(256, d["batch_size"]), batch_format="pyarrow", **_actor_kwargs(d))
         elif name == "rating":
             r = spec["rating"]
             template = r.get("prompt") or scoring.RATING_PROMPT
