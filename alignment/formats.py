@@ -107,14 +107,17 @@ class Shard:
     kind: str
     start: int
     stop: int | None  # None: to the end
+    offset: int = -1  # JSONL: the byte offset of row ``start`` in an uncompressed file (-1: count lines instead)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "start": self.start, "stop": -1 if self.stop is None else self.stop}
+        return {"path": self.path, "kind": self.kind, "start": self.start, "stop": -1 if self.stop is None else self.stop,
+                "offset": self.offset}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Shard":
         stop = int(d["stop"])
-        return Shard(str(d["path"]), str(d["kind"]), int(d["start"]), None if stop < 0 else stop)
+        return Shard(str(d["path"]), str(d["kind"]), int(d["start"]), None if stop < 0 else stop,
+                     int(d.get("offset", -1)))
 
 
 def plan_shards(paths: list[str], rows_per_shard: int = 50_000) -> list[Shard]:
@@ -123,8 +126,19 @@ def plan_shards(paths: list[str], rows_per_shard: int = 50_000) -> list[Shard]:
     for path in paths:
         kind = file_kind(path)
         if kind == "jsonl":
+            # One pass counts the lines and notes where each shard starts, so a shard seeks to its first row
+            # (a compressed file cannot seek: its shards skip lines instead).
+            seekable = not path.endswith((".gz", ".bz2", ".xz", ".zst")) and "://" not in path
+            offsets, n, pos = [0], 0, 0
             with _open_bytes(path) as f:
-                n = sum(1 for _ in f)
+                for line in f:
+                    n += 1
+                    pos += len(line)
+                    if n % rows_per_shard == 0:
+                        offsets.append(pos)
+            for j, start in enumerate(range(0, max(n, 1), rows_per_shard)):
+                shards.append(Shard(path, kind, start, min(start + rows_per_shard, n), offsets[j] if seekable else -1))
+            continue
         elif kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -148,7 +162,11 @@ def iter_raw(shard: Shard) -> Iterator[tuple[int, Any]]:
     """(row index, parsed row or BadJSON) for every row of a shard."""
     if shard.kind == "jsonl":
         with _open_bytes(shard.path) as f:
-            for i, line in enumerate(f):
+            first = 0
+            if shard.offset >= 0:
+                f.seek(shard.offset)
+                first = shard.start
+            for i, line in enumerate(f, start=first):
                 if i < shard.start:
                     continue
                 if shard.stop is not None and i >= shard.stop:

@@ -203,7 +203,7 @@ class CausalLMScorer:
                 reasons[i] = "empty prompt"
             else:
                 todo.append(i)
-        for group in _prefix_groups(todo, encoded, self.min_shared_prefix):
+        for group in _prefix_groups(todo, encoded, self.min_shared_prefix) if todo else []:
             self._score_group(group, encoded, logits, reasons)
         return logits, reasons
 

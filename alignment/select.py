@@ -231,6 +231,9 @@ class TopK:
         self.best: pa.Table | None = None
 
     def add(self, table: pa.Table) -> None:
+        if self.best is not None and self.best.num_rows == self.k and table.num_rows:
+            # Once k rows are held, only rows scoring at least the k-th can enter (ties go to the sort).
+            table = table.filter(pc.greater_equal(table["score"], self.best["score"][self.k - 1]))
         if table.num_rows == 0:
             return
         merged = table if self.best is None else pa.concat_tables([self.best, table])
@@ -357,7 +360,8 @@ def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Tab
 def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir: Path, allow_fewer: bool = False,
                batch_size: int = 1024) -> dict[str, Any]:
     """Select k rows as the spec ``s`` says (see :func:`spec`). Writes ``selected.parquet`` (with every score,
-    the ranking ``score`` and ``rank``), ``scored.parquet`` (the whole ranked pool) and ``set_aside.jsonl``
+    the ranking ``score`` and ``rank``), ``scored.parquet`` (the whole ranked pool: ids and scores, with
+    the messages only when the selector reads them again) and ``set_aside.jsonl``
     (rows that failed validation or scoring, each with its field and reason)."""
     import time
 
@@ -395,9 +399,11 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
                 reasons[key] = reasons.get(key, 0) + 1
                 aside.write(json.dumps(r) + "\n")
             if ranked.num_rows:
+                # The scored pool; the texts only where the selector reads them again (repr_filter embeds them).
+                pool = ranked if selector != "top_k" else ranked.drop_columns(["messages"])
                 if writer is None:
-                    writer = pq.ParquetWriter(scored_path, ranked.schema)
-                writer.write_table(ranked)
+                    writer = pq.ParquetWriter(scored_path, pool.schema)
+                writer.write_table(pool)
                 if selector == "top_k":
                     top.add(ranked)
     if writer is not None:

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/deita_scorer.py [--rows 2000] [--model smollm2-135m-instruct] [--batch-size 8]
 
 SmolLM2-135M-Instruct stands in for the 7B Deita scorers (the method does not depend on the model). The rows
-are real instruction data from ../shared/data/sft (Alpaca, then Evol-Instruct, then LIMA, in file order).
+are real instruction data from ../shared/data/sft, taken in turn from Alpaca and Evol-Instruct (``--files 3``
+adds LIMA), so any ``--rows`` has the same mix of short and long rows.
 Every row gets a complexity and a quality score per turn. Measured in one process, on the same rows:
 - batched: :class:`alignment.scoring.CausalLMScorer`, one forward pass per batch of length-sorted prompts,
   the output head on the last real token only;
@@ -34,6 +35,7 @@ FILES = ["alpagasus_alpaca_1k.json", "evol_instruct_1k.json", "lima_1k.json"]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--files", type=int, default=2, help="how many of Alpaca, Evol-Instruct, LIMA to draw from")
     ap.add_argument("--reference-every", type=int, default=1, help="per-row way on every N-th row only")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -46,11 +48,8 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows: list[list[dict]] = []
-    for name in FILES:
-        good, _ = formats.read_rows(str(DATA / name), "sft")
-        rows += [g["messages"] for g in good]
-    rows = rows[:args.rows]
+    per_file = [[g["messages"] for g in formats.read_rows(str(DATA / name), "sft")[0]] for name in FILES[:args.files]]
+    rows = [r for group in zip(*per_file) for r in group][:args.rows]  # round-robin: the same mix at any size
     path = models.resolve(args.model)
     plans = [scoring.deita_prompts(m) for m in rows]
     prompts = [p for c, q in plans for p in c + q]

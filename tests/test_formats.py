@@ -149,5 +149,16 @@ def test_shards_split_jsonl_by_row(tmp_path):
     path = write_jsonl(tmp_path / "many.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(10)])
     shards = formats.plan_shards([str(path)], rows_per_shard=4)
     assert [(s.start, s.stop) for s in shards] == [(0, 4), (4, 8), (8, 10)]
+    assert [s.offset for s in shards] == [0, path.read_bytes().index(b'"q4"') - 16,
+                                          path.read_bytes().index(b'"q8"') - 16]  # each shard seeks to its row
     rows = [r for s in shards for r in formats.read_shard(s, "sft")]
     assert [r["row"] for r in rows] == list(range(10))
+    assert [r["messages"][0]["content"] for r in rows] == [f"q{i}" for i in range(10)]
+    # a compressed file cannot seek: its shards skip lines, with the same result
+    import gzip
+
+    gz = tmp_path / "many.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    gz_shards = formats.plan_shards([str(gz)], rows_per_shard=4)
+    assert [s.offset for s in gz_shards] == [-1, -1, -1]
+    assert [r["messages"] for s in gz_shards for r in formats.read_shard(s, "sft")] == [r["messages"] for r in rows]

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from alignment import deita_vllm, scoring, select
+from alignment import deita_vllm, formats, scoring, select
 from conftest import write_jsonl
 
 
@@ -189,8 +189,9 @@ def test_deita_and_random_scorers_in_the_select_stage(ray_local, tmp_path, tiny_
     # the scores are the ones the scorer gives to these prompts, one at a time
     scorer = scoring.CausalLMScorer(str(tiny_model), max_length=250)
     first = pool[0]
-    assert first["deita_complexity"] == pytest.approx(scorer.score(scoring.deita_prompts(first["messages"])[0])[0],
-                                                      abs=1e-5)
+    messages = [m for m in formats.read_rows(str(src), "sft")[0] if m["id"] == first["id"]][0]["messages"]
+    assert first["deita_complexity"] == pytest.approx(scorer.score(scoring.deita_prompts(messages)[0])[0], abs=1e-5)
+    assert "messages" not in first  # top_k's scored pool: ids and scores only
     sel = pq.read_table(r["outputs"]["selected"]).to_pylist()
     best = sorted(pool, key=lambda p: (-p["score"], p["id"]))[:5]
     assert [s["id"] for s in sel] == [b["id"] for b in best]
