@@ -214,13 +214,10 @@ class PrefConfig(_Strict):
         return v
 
 
-class GenerateConfig(_Strict):
+class GenerateConfig(ActorPoolConfig):
     backend: Literal["transformers", "vllm"] = "transformers"
     max_new_tokens: int = Field(512, ge=1)
     batch_size: int = Field(8, ge=1)
-    num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding one copy of the model.")
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
 
 
 class JudgeConfig(_Strict):

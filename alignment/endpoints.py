@@ -37,11 +37,9 @@ class Endpoint:
         return f"Endpoint({self.url!r}, key={'***' if self._key else None})"
 
 
-def complete_openai(prompts: list[dict], model: str, base_url_env: str | Endpoint, api_key_env: str | None,
-                    max_tokens: int, timeout: float = 120.0, workers: int = 8) -> list[dict]:
-    """Greedy chat completions from an OpenAI-compatible endpoint: an :class:`Endpoint`, or the names of the
-    environment variables holding its URL and key (read here, never stored)."""
-    endpoint = base_url_env if isinstance(base_url_env, Endpoint) else Endpoint(base_url_env, api_key_env or "")
+def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tokens: int, timeout: float = 120.0,
+                    workers: int = 8) -> list[dict]:
+    """Greedy chat completions from an OpenAI-compatible endpoint."""
     url, api_key = endpoint.url, endpoint._key
 
     def one(p: dict) -> dict:

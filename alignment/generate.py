@@ -15,7 +15,7 @@ import logging
 import math
 from typing import Any
 
-from .endpoints import GenerationError, complete_openai  # noqa: F401  (re-exported: the judge uses it)
+from .endpoints import GenerationError
 
 log = logging.getLogger("alignment")
 

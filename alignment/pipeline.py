@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from . import formats, generate, judge, models, report, search, select, train
+from . import endpoints, formats, generate, judge, models, report, search, select, train
 from .config import ExperimentConfig, config_dict
 from .manifest import fingerprint, run_stage, write_json
 
@@ -228,7 +228,8 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
         if j.backend == "local":
             outs = generate.generate(judge_model, msgs, {**config_dict(cfg.generate), "max_new_tokens": j.max_new_tokens})
         else:
-            outs = generate.complete_openai(msgs, j.model, j.api_base_env, j.api_key_env, j.max_new_tokens, j.timeout_s)
+            outs = endpoints.complete_openai(msgs, j.model, endpoints.Endpoint(j.api_base_env, j.api_key_env),
+                                             j.max_new_tokens, j.timeout_s)
         verdicts, summary = judge.score(requests, outs, j.rule)
         _write_jsonl(d / "verdicts.jsonl", verdicts)
         return {"outputs": {"verdicts": str(d / "verdicts.jsonl"), "target": target["dir"], "baseline": baseline["dir"]},

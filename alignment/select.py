@@ -44,9 +44,6 @@ def read_batch(batch: dict[str, Any], fmt: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
 
 
-length_scores = scoring.length_scores  # re-exported
-
-
 def _merge_errors(table: pa.Table, errors: list[str | None]) -> pa.Table:
     """Add this scorer's per-row failure reasons to ``score_error`` ("; "-joined)."""
     if "score_error" in table.column_names:
@@ -144,7 +141,7 @@ def rate_openai_batch(table: pa.Table, model: str, template: str, max_new_tokens
     ok = _valid(table)
     rows = [(i, m) for i, m, good in zip(table["id"].to_pylist(), table["messages"].to_pylist(), ok) if good]
     requests = [{"id": i, "messages": [{"role": "user", "content": scoring.rating_prompt(m, template)}]} for i, m in rows]
-    out = complete_openai(requests, model, endpoint, None, max_new_tokens, timeout_s, concurrency)
+    out = complete_openai(requests, model, endpoint, max_new_tokens, timeout_s, concurrency)
     return _rated(table, ok, [o["answer"] for o in out], [o["error"] for o in out])
 
 
@@ -342,7 +339,7 @@ def _reason_key(field: str, error: str) -> str:
     return f"{field}: {re.sub(r'[0-9]+', 'N', error.split(';')[0].split(':')[0])}"
 
 
-def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Table, str]:
+def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Table]:
     """Split scored rows into ranked ones (with ``score`` = the weighted sum) and ones with a null ranking score."""
     cols = list(ranking)
     null = pc.is_null(good[cols[0]])
@@ -354,7 +351,7 @@ def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Tab
     for c, w in ranking.items():
         term = pc.multiply(ranked[c], w)
         total = term if total is None else pc.add(total, term)
-    return ranked.append_column("score", total.cast(pa.float64())), unscored, "+".join(cols)
+    return ranked.append_column("score", total.cast(pa.float64())), unscored
 
 
 def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir: Path, allow_fewer: bool = False,
@@ -385,7 +382,7 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
             bad_mask = pc.is_valid(batch["error"])
             bad = batch.filter(bad_mask)
             good = batch.filter(pc.invert(bad_mask)).drop_columns(["field", "error"])
-            ranked, unscored, _ = _ranked(good, ranking)
+            ranked, unscored = _ranked(good, ranking)
             n_invalid += bad.num_rows
             n_unscored += unscored.num_rows
             n_valid += ranked.num_rows

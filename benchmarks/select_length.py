@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
+import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignment import formats, models, scoring, select  # noqa: E402
+from quickstart import tree_memory  # noqa: E402  (benchmarks/quickstart.py)
 
 VOCAB = ("the a of to and in is it that for on with as was be by this are from or an at which can use data model "
          "learn train answer question explain example first second then because however therefore result value "
@@ -71,15 +72,11 @@ class PeakMemory:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        import psutil
+
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, tree_memory(me)[0])
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakMemory":
@@ -93,8 +90,6 @@ class PeakMemory:
 
 def bare(paths: list[str], k: int, unit: str, tokenizer, batch: int = 4096) -> tuple[float, list[str]]:
     """Read, validate, score and keep the top k in this process: (seconds, selected ids)."""
-    import pyarrow as pa
-
     t = time.perf_counter()
     top = select.TopK(k)
     for shard in formats.plan_shards(paths):
@@ -102,14 +97,14 @@ def bare(paths: list[str], k: int, unit: str, tokenizer, batch: int = 4096) -> t
         for r in formats.read_shard(shard, "sft", "alpaca"):
             rows.append(r)
             if len(rows) == batch:
-                _bare_batch(rows, unit, tokenizer, top, pa)
+                _bare_batch(rows, unit, tokenizer, top)
                 rows = []
         if rows:
-            _bare_batch(rows, unit, tokenizer, top, pa)
+            _bare_batch(rows, unit, tokenizer, top)
     return time.perf_counter() - t, top.result()["id"].to_pylist()
 
 
-def _bare_batch(rows, unit, tokenizer, top, pa) -> None:
+def _bare_batch(rows, unit, tokenizer, top) -> None:
     good = [r for r in rows if r["error"] is None]
     scores = scoring.length_scores([r["messages"] for r in good], unit, tokenizer)
     top.add(pa.table({"id": [r["id"] for r in good], "source": [r["source"] for r in good],
@@ -139,11 +134,14 @@ def main() -> int:
     tokenizer = models.load_tokenizer(tok_path)
     ensure_ray(num_cpus=args.cpus)
     out = Path(args.workdir) / "out"
+    warmup = write_rows(Path(args.workdir) / "warmup", 1000)
     results = {}
     for unit in args.units.split(","):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         spec = select.spec(length_unit=unit, tokenizer=tok_path if unit == "tokens" else None)
+        # Warm-up on a few rows: Ray's workers start (and load the tokenizer) outside the timed run.
+        select.run_select(warmup, "alpaca", 10, spec, out, batch_size=4096)
         with PeakMemory() as mem:
             t = time.perf_counter()
             res = select.run_select(paths, "alpaca", args.k, spec, out, batch_size=4096)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignment import generate, train
+from alignment import endpoints, generate, train
 
 GEN = {"backend": "transformers", "max_new_tokens": 6, "batch_size": 4, "num_actors": 1, "cpus_per_actor": 1.0,
        "gpus_per_actor": 0.0}
@@ -15,7 +15,8 @@ GEN = {"backend": "transformers", "max_new_tokens": 6, "batch_size": 4, "num_act
 def test_openai_compatible_endpoint(fake_endpoint):
     prompts = [{"id": "a", "messages": [{"role": "user", "content": "hi"}]},
                {"id": "b", "messages": [{"role": "user", "content": "please fail"}]}]
-    out = generate.complete_openai(prompts, "judge-model", "TEST_JUDGE_URL", "TEST_JUDGE_KEY", max_tokens=16)
+    out = endpoints.complete_openai(prompts, "judge-model", endpoints.Endpoint("TEST_JUDGE_URL", "TEST_JUDGE_KEY"),
+                                    max_tokens=16)
     assert [o["id"] for o in out] == ["a", "b"]
     assert out[0]["answer"].startswith("8 3") and out[0]["num_new_tokens"] == 5 and out[0]["error"] is None
     assert out[1]["answer"] == "" and "500" in out[1]["error"]  # an error, never a made-up answer
@@ -28,7 +29,7 @@ def test_openai_compatible_endpoint(fake_endpoint):
 def test_openai_endpoint_url_must_be_set(monkeypatch):
     monkeypatch.delenv("NO_SUCH_URL_VAR", raising=False)
     with pytest.raises(generate.GenerationError, match="export NO_SUCH_URL_VAR"):
-        generate.complete_openai([{"id": "a", "messages": []}], "m", "NO_SUCH_URL_VAR", "K", 4)
+        endpoints.complete_openai([{"id": "a", "messages": []}], "m", endpoints.Endpoint("NO_SUCH_URL_VAR", "K"), 4)
 
 
 def test_transformers_backend_on_ray_data_keeps_order(ray_local, tiny_model):

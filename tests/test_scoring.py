@@ -138,7 +138,7 @@ def test_vllm_path_explode_postprocess_assemble_without_vllm():
             {"id": "b", "source": "f", "row": 1, "messages": None, "field": "output", "error": "empty"}]
     carry = list(rows[0]) + [deita_vllm.KEY, "_turn", "_turns", "_prompt", "_fail"]
     out = {}
-    for kind, lp in (("complexity", 0.0), ("quality", None)):
+    for kind in ("complexity", "quality"):
         exploded = [e for r in rows for e in deita_vllm.explode(r, kind)]
         assert len(exploded) == 3
         processed = []

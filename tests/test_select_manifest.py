@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignment import formats, manifest, select
+from alignment import formats, manifest, scoring, select
 from conftest import shared, write_jsonl
 
 
@@ -21,13 +21,13 @@ def test_length_counts_every_assistant_turn(tiny_model):
     from transformers import AutoTokenizer
 
     rows = [conv("q", "one two three"), conv("q", "four five", "more?", "six seven eight nine")]
-    assert select.length_scores(rows, "chars") == [13, 9 + 20]
-    assert select.length_scores(rows, "words") == [3, 6]
+    assert scoring.length_scores(rows, "chars") == [13, 9 + 20]
+    assert scoring.length_scores(rows, "words") == [3, 6]
     tok = AutoTokenizer.from_pretrained(tiny_model)
     expected = [len(tok("one two three", add_special_tokens=False)["input_ids"]),
                 len(tok("four five", add_special_tokens=False)["input_ids"])
                 + len(tok("six seven eight nine", add_special_tokens=False)["input_ids"])]
-    assert select.length_scores(rows, "tokens", tok) == expected
+    assert scoring.length_scores(rows, "tokens", tok) == expected
 
 
 def test_topk_is_streamed_and_breaks_ties_by_id():
