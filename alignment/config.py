@@ -33,8 +33,14 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    sft: list[str] = Field(default_factory=list, description="Instruction data: files, globs or directories.")
-    sft_format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    sft: list[str] = Field(
+        default_factory=list, description="Instruction data: files, globs, directories, cloud URIs or Hugging Face "
+        "datasets as hf:NAME[:CONFIG][@SPLIT] (loaded with `datasets`).",
+    )
+    sft_format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_response", "pairs", "hh_rlhf"] = Field(
+        "auto", description="Format of every sft source (auto: detected per file). pairs and hh_rlhf read preference "
+        "data as instruction data: the prompt and the chosen answer.",
+    )
     preferences: list[str] = Field(default_factory=list, description="Preference pairs: files, globs or directories.")
     preferences_format: Literal["auto", "pairs", "hh_rlhf"] = "auto"
     eval_prompts: str | None = Field(None, description="Eval prompt set (JSON/JSONL; Vicuna, Koala, ... or messages).")
@@ -95,6 +101,17 @@ class RatingConfig(ActorPoolConfig):
     timeout_s: float = Field(120.0, gt=0)
 
 
+class DedupConfig(_Strict):
+    mode: Literal["none", "exact", "near"] = Field(
+        "none", description="Before scoring: exact drops rows whose normalised text (case-folded words) repeats an "
+        "earlier row's; near also drops near-duplicates found by MinHash LSH. The first row (file, then row order) "
+        "of each group stays; every removed row is set aside with the id it duplicates.",
+    )
+    threshold: float = Field(0.8, gt=0, lt=1, description="near: Jaccard similarity of word n-gram sets.")
+    num_perm: int = Field(128, ge=8, le=1024, description="near: MinHash permutations.")
+    ngram: int = Field(5, ge=1, description="near: words per shingle.")
+
+
 # Scorer -> the scalar column it adds (rank_by names the scorer).
 SCORE_COLUMNS = {"length": "score_length", "random": "score_random", "deita": "score_deita_evol",
                  "rating": "score_rating"}
@@ -113,6 +130,11 @@ class SelectConfig(_Strict):
     length_unit: Literal["tokens", "words", "chars"] = Field(
         "tokens", description="Length unit; tokens are counted with the trained model's tokenizer."
     )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Set aside rows whose conversation, in the trained model's chat template, is longer "
+        "than this many tokens (over-long for training).",
+    )
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     deita: DeitaConfig = Field(default_factory=DeitaConfig, description="The deita scorer's models and resources.")
     rating: RatingConfig = Field(default_factory=RatingConfig, description="The rating scorer's model and resources.")
     selector: Literal["top_k", "repr_filter"] = Field(

@@ -15,13 +15,15 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SFT_FORMATS = ("alpaca", "sharegpt", "messages")
+SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_response", "pairs", "hh_rlhf")
 PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
+HF_PREFIX = "hf:"
 
 _ROLE_MAP = {
     "human": "user", "user": "user",
@@ -54,6 +56,9 @@ def expand_paths(patterns: list[str]) -> list[str]:
         raise DataError("no data files given")
     out: list[str] = []
     for pat in patterns:
+        if pat.startswith(HF_PREFIX):
+            out.append(hf_to_parquet(pat))
+            continue
         if "://" in pat:
             out.append(pat)
             continue
@@ -74,6 +79,40 @@ def expand_paths(patterns: list[str]) -> list[str]:
             raise DataError(f"data file not found: {pat}")
     seen: set[str] = set()
     return [f for f in out if not (f in seen or seen.add(f))]
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG][@SPLIT]`` -> (name, config, split); the split defaults to ``train``."""
+    spec = source[len(HF_PREFIX):]
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition(":") if not spec.startswith("/") else (spec, "", "")
+    if not name:
+        raise DataError(f"{source}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:HuggingFaceH4/ultrafeedback_binarized@train_prefs")
+    return name, config or None, split or "train"
+
+
+def hf_to_parquet(source: str, cache: Path | None = None) -> str:
+    """A Hugging Face dataset (``hf:NAME[:CONFIG][@SPLIT]``, a hub name or a local dataset directory), loaded
+    with ``datasets`` and written once to a Parquet file in the cache (keyed by the dataset's fingerprint),
+    so that it is read in shards like any other file. Row ids fall back to ``<that file>:<row>``."""
+    import datasets
+
+    from .models import cache_dir
+
+    name, config, split = parse_hf_source(source)
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - any loading failure is the user's source
+        raise DataError(f"{source}: cannot load the Hugging Face dataset {name!r} (config {config}, split {split}): "
+                        f"{type(e).__name__}: {e}") from e
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name.strip('/')}-{config or 'default'}-{split}")
+    out = (cache or cache_dir() / "datasets") / f"{safe}-{ds._fingerprint}.parquet"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        ds.to_parquet(str(tmp))
+        tmp.replace(out)
+    return str(out)
 
 
 def file_kind(path: str, strict: bool = True) -> str | None:
@@ -230,6 +269,10 @@ def detect_sft_format(row: dict[str, Any]) -> str:
         return "messages"
     if "instruction" in row and ("output" in row or "response" in row):
         return "alpaca"
+    if "prompt" in row and ("response" in row or "completion" in row):
+        return "prompt_response"
+    if "chosen" in row:  # preference data as instruction data: the prompt and the chosen answer
+        return detect_preference_format(row)
     raise RowError("(format)", f"cannot tell the format from the fields {sorted(row)[:10]}; set data.sft_format")
 
 
@@ -300,6 +343,18 @@ def normalise_sft(row: Any, fmt: str = "auto") -> list[dict[str, str]]:
             messages.append({"role": "system", "content": row["system"]})
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row[out_key], out_key)}]
         return messages
+    if fmt == "prompt_response":
+        # TRL's prompt-completion format too: strings, or lists of messages (conversational).
+        if "prompt" not in row:
+            raise RowError("prompt", "missing")
+        out_key = "response" if "response" in row else "completion"
+        if out_key not in row:
+            raise RowError("response", "missing")
+        messages = _as_messages(row["prompt"], "prompt", "user") + _as_messages(row[out_key], out_key, "assistant")
+        return _check_turns(messages, out_key)
+    if fmt in PREFERENCE_FORMATS:
+        pair = normalise_preference(row, fmt)
+        return [*pair["prompt"], {"role": "assistant", "content": pair["chosen"]}]
     raise DataError(f"unknown instruction format {fmt!r}; choose auto or one of {', '.join(SFT_FORMATS)}")
 
 

@@ -66,7 +66,7 @@ def _files(patterns: list[str], what: str) -> dict[str, str]:
 def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     k = k or cfg.select.k
     s = cfg.select
-    uses_tokens = "length" in s.scorers and s.length_unit == "tokens"
+    uses_tokens = ("length" in s.scorers and s.length_unit == "tokens") or s.max_tokens is not None
     tokenizer = models.resolve(cfg.model.base) if uses_tokens else None
     resolved: dict[str, Any] = {"deita": config_dict(s.deita), "rating": config_dict(s.rating),
                                 "embedding": config_dict(s.embedding)}
@@ -83,7 +83,8 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     if s.selector == "repr_filter":
         inputs["embedding_model"] = fingerprint(select.embedding_model_path(s.embedding.model))
     spec = select.spec(scorers=list(s.scorers), ranking=s.ranking(), length_unit=s.length_unit,
-                       tokenizer=tokenizer, seed=cfg.seed, selector=s.selector, tau=s.tau, **resolved)
+                       tokenizer=tokenizer, seed=cfg.seed, selector=s.selector, tau=s.tau, max_tokens=s.max_tokens,
+                       dedup=config_dict(s.dedup), **resolved)
     conf = {"k": k, "format": cfg.data.sft_format, "allow_fewer": s.allow_fewer,
             "tokenizer": cfg.model.base if tokenizer else None,
             **{key: value for key, value in spec.items() if key != "tokenizer"}}

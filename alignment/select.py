@@ -33,15 +33,55 @@ class SelectError(ValueError):
     pass
 
 
-def read_batch(batch: dict[str, Any], fmt: str) -> pa.Table:
-    """Ray Data UDF: a batch of shard descriptions -> normalised rows (bad rows carry ``error``)."""
+def read_batch(batch: dict[str, Any], fmt: str, skip: dict[str, set[int]] | None = None) -> pa.Table:
+    """Ray Data UDF: a batch of shard descriptions -> normalised rows (bad rows carry ``error``); rows listed
+    in ``skip`` (source -> row indices: duplicates already set aside) are left out."""
     rows: list[dict] = []
     for i in range(len(batch["path"])):
-        shard = formats.Shard.from_dict({k: batch[k][i] for k in ("path", "kind", "start", "stop")})
+        shard = formats.Shard.from_dict({k: batch[k][i] for k in ("path", "kind", "start", "stop", "offset")})
+        drop = (skip or {}).get(shard.path, ())
         for r in formats.read_shard(shard, "sft", fmt):
+            if r["row"] in drop:
+                continue
             r.setdefault("messages", None)
             rows.append(r)
     return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
+
+
+def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str) -> pa.Table:
+    """Ray Data UDF: rows longer than ``max_tokens`` in the model's chat template become invalid (with the reason)."""
+    from . import models
+
+    ok = _valid(table)
+    tok = models.load_tokenizer(tokenizer_path)
+    msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
+    texts = [tok.apply_chat_template(m, tokenize=False) for m in msgs]
+    counts = _scatter([len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else [], ok)
+    field, error = table["field"].to_pylist(), table["error"].to_pylist()
+    for i, n in enumerate(counts):
+        if n is not None and n > max_tokens:
+            field[i] = "messages"
+            error[i] = f"over-long: {n} tokens in the chat template > select.max_tokens={max_tokens}"
+    return (table.set_column(table.schema.get_field_index("field"), "field", pa.array(field, pa.string()))
+            .set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string())))
+
+
+def signature_batch(table: pa.Table, near: bool, num_perm: int, ngram: int, bands: int, rows: int,
+                    seed: int) -> pa.Table:
+    """Ray Data UDF: the dedup signatures of valid rows (``dedup_exact``; ``dedup_bands`` for near)."""
+    import numpy as np
+
+    from . import dedup
+
+    hasher = dedup.MinHasher(num_perm, ngram, bands, rows, seed) if near else None
+    ok = _valid(table)
+    sigs = [dedup.signatures(m, hasher) for m, good in zip(table["messages"].to_pylist(), ok) if good]
+    keep = table.filter(pa.array(ok, pa.bool_())).select(["id", "source", "row"])
+    out = keep.append_column("dedup_exact", pa.array([s[0] for s in sigs], pa.uint64()))
+    if near:
+        flat = np.concatenate([s[1] for s in sigs]) if sigs else np.zeros(0, np.uint64)
+        out = out.append_column("dedup_bands", pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint64()), bands))
+    return out
 
 
 def _merge_errors(table: pa.Table, errors: list[str | None]) -> pa.Table:
@@ -322,13 +362,17 @@ def _repr_filter(scored: Path, score_col: str, k: int, tau: float, emb: dict[str
 def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = None, length_unit: str = "tokens",
          tokenizer: str | None = None, seed: int = 0, selector: str = "top_k", tau: float = 0.9,
          deita: dict[str, Any] | None = None, rating: dict[str, Any] | None = None,
-         embedding: dict[str, Any] | None = None) -> dict[str, Any]:
+         embedding: dict[str, Any] | None = None, dedup: dict[str, Any] | None = None,
+         max_tokens: int | None = None) -> dict[str, Any]:
     """A selection spec (what :func:`run_select` takes) with the config's defaults."""
-    from .config import SCORE_COLUMNS, DeitaConfig, EmbeddingConfig, RatingConfig, config_dict
+    from .config import SCORE_COLUMNS, DedupConfig, DeitaConfig, EmbeddingConfig, RatingConfig, config_dict
 
     scorers = scorers or ["length"]
+    if max_tokens is not None and tokenizer is None:
+        raise SelectError("max_tokens needs a tokenizer (the trained model's)")
     return {"scorers": scorers, "ranking": ranking or {SCORE_COLUMNS[scorers[0]]: 1.0}, "length_unit": length_unit,
-            "tokenizer": tokenizer, "seed": seed, "selector": selector, "tau": tau,
+            "tokenizer": tokenizer, "seed": seed, "selector": selector, "tau": tau, "max_tokens": max_tokens,
+            "dedup": {**config_dict(DedupConfig()), **(dedup or {})},
             "deita": {**config_dict(DeitaConfig()), **(deita or {})},
             "rating": {**config_dict(RatingConfig()), **(rating or {})},
             "embedding": {**config_dict(EmbeddingConfig()), **(embedding or {})}}
@@ -354,6 +398,65 @@ def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Tab
     return ranked.append_column("score", total.cast(pa.float64())), unscored
 
 
+def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], skip: dict[str, set[int]] | None = None) -> Any:
+    """Ray Data: the normalised, validated rows of the shards."""
+    import ray
+
+    ds = ray.data.from_items([sh.to_dict() for sh in shards]).map_batches(
+        read_batch, fn_kwargs={"fmt": fmt, "skip": skip}, batch_size=1, batch_format="numpy")
+    if s.get("max_tokens"):
+        ds = ds.map_batches(check_length_batch, fn_kwargs={"max_tokens": s["max_tokens"], "tokenizer_path": s["tokenizer"]},
+                            batch_size=256, batch_format="pyarrow")
+    return ds
+
+
+def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str, Any],
+           batch_size: int) -> tuple[dict[str, set[int]], list[dict[str, Any]], dict[str, Any]]:
+    """A first pass over the data: which valid rows are duplicates. Returns (source -> rows to skip, a
+    set-aside record per removed row, counts)."""
+    import time
+
+    import numpy as np
+
+    from . import dedup
+
+    d = s["dedup"]
+    near = d["mode"] == "near"
+    bands, rows = dedup.lsh_params(d["threshold"], d["num_perm"]) if near else (0, 0)
+    t0 = time.perf_counter()
+    ds = _rows(shards, fmt, s).map_batches(
+        signature_batch, fn_kwargs={"near": near, "num_perm": d["num_perm"], "ngram": d["ngram"], "bands": bands,
+                                    "rows": rows, "seed": s["seed"]}, batch_size=batch_size, batch_format="pyarrow")
+    file_index = {p: i for i, p in enumerate(paths)}
+    parts: list[pa.Table] = []
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
+        parts.append(batch)
+    table = pa.concat_tables(parts) if parts else None
+    counts = {"mode": d["mode"], "exact": 0, "near": 0, "seconds": 0.0}
+    if near:
+        counts.update({"threshold": d["threshold"], "num_perm": d["num_perm"], "ngram": d["ngram"], "bands": bands,
+                       "rows_per_band": rows})
+    if table is None or table.num_rows == 0:
+        return {}, [], counts
+    order = (np.array([file_index[x] for x in table["source"].to_pylist()], np.int64) << 40) + table["row"].to_numpy()
+    band_arr = (np.asarray(table["dedup_bands"].combine_chunks().values, np.uint64).reshape(-1, bands)
+                if near else None)
+    dup, of, kind = dedup.find_duplicates(order, table["dedup_exact"].to_numpy(), band_arr)
+    skip: dict[str, set[int]] = {}
+    records = []
+    ids, sources, row_idx = table["id"], table["source"], table["row"]
+    for i, j, kd in zip(dup.tolist(), of.tolist(), kind.tolist()):
+        skip.setdefault(sources[i].as_py(), set()).add(row_idx[i].as_py())
+        what = "exact duplicate" if kd == 0 else f"near duplicate (MinHash LSH, Jaccard >= about {d['threshold']})"
+        records.append({"source": sources[i].as_py(), "row": row_idx[i].as_py(), "id": ids[i].as_py(),
+                        "field": "(duplicate)", "error": f"{what} of {ids[j].as_py()} ({sources[j].as_py()}:"
+                                                         f"{row_idx[j].as_py()})"})
+    counts["exact"] = int((kind == 0).sum())
+    counts["near"] = int((kind == 1).sum())
+    counts["seconds"] = round(time.perf_counter() - t0, 3)
+    return skip, records, counts
+
+
 def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir: Path, allow_fewer: bool = False,
                batch_size: int = 1024) -> dict[str, Any]:
     """Select k rows as the spec ``s`` says (see :func:`spec`). Writes ``selected.parquet`` (with every score,
@@ -366,9 +469,9 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
 
     paths = formats.expand_paths(sources)
     shards = formats.plan_shards(paths)
-    ds = ray.data.from_items([sh.to_dict() for sh in shards]).map_batches(
-        read_batch, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="numpy")
-    ds = add_scorers(ds, s, batch_size)
+    skip, dup_records, dedup_counts = (_dedup(shards, paths, fmt, s, batch_size) if s["dedup"]["mode"] != "none"
+                                       else ({}, [], None))
+    ds = add_scorers(_rows(shards, fmt, s, skip), s, batch_size)
     ranking, selector = s["ranking"], s["selector"]
     top = TopK(k)
     n_read = n_valid = n_invalid = n_unscored = 0
@@ -377,6 +480,10 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     writer: pq.ParquetWriter | None = None
     t0 = time.perf_counter()
     with open(aside_path, "w") as aside:
+        for r in dup_records:
+            key = "(duplicate): " + ("exact" if r["error"].startswith("exact") else "near")
+            reasons[key] = reasons.get(key, 0) + 1
+            aside.write(json.dumps(r) + "\n")
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
             n_read += batch.num_rows
             bad_mask = pc.is_valid(batch["error"])
@@ -406,14 +513,19 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     if writer is not None:
         writer.close()
     scoring_s = time.perf_counter() - t0
-    n_bad = n_invalid + n_unscored
+    n_dup = len(dup_records)
+    n_read += n_dup
+    n_bad = n_invalid + n_unscored + n_dup
     if n_valid < k and not allow_fewer:
         raise SelectError(
             f"select.k={k} is larger than the pool: {n_valid} valid, scored rows in {', '.join(paths)} "
             f"({n_bad} set aside, see {aside_path}); lower k or set select.allow_fewer=true"
         )
     counts: dict[str, Any] = {"rows_read": n_read, "rows_kept": n_valid, "rows_set_aside": n_bad,
-                              "rows_invalid": n_invalid, "rows_unscored": n_unscored, "set_aside_reasons": reasons}
+                              "rows_invalid": n_invalid, "rows_unscored": n_unscored, "rows_duplicate": n_dup,
+                              "set_aside_reasons": reasons}
+    if dedup_counts is not None:
+        counts["dedup"] = dedup_counts
     if selector == "top_k":
         selected = top.result()
     elif n_valid == 0:

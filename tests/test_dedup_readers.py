@@ -1,0 +1,108 @@
+"""Readers for every instruction format, Hugging Face dataset sources, dedup and over-long rows in select."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from alignment import dedup, formats, select
+from conftest import shared, write_jsonl
+
+
+def test_prompt_response_and_trl_prompt_completion_rows():
+    rows = [
+        {"prompt": "Name a colour.", "response": "Blue."},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+         "completion": [{"role": "assistant", "content": "Hello."}]},
+    ]
+    assert formats.normalise_sft(rows[0]) == [{"role": "user", "content": "Name a colour."},
+                                              {"role": "assistant", "content": "Blue."}]
+    assert [m["role"] for m in formats.normalise_sft(rows[1])] == ["system", "user", "assistant"]
+    with pytest.raises(formats.RowError) as e:
+        formats.normalise_sft({"prompt": "q", "completion": "  "})
+    assert e.value.field == "completion"
+
+
+def test_preference_files_as_instruction_data():
+    """HH-RLHF transcripts (real file) and UltraFeedback-style pairs read as the prompt + the chosen answer."""
+    good, bad = formats.read_rows([str(shared("preferences", "hh_rlhf_harmless_base_test.jsonl.gz"))], "sft")
+    assert len(good) > 2000 and len(good) + len(bad) == 2312
+    assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-2]["role"] == "user" for r in good)
+    assert {b["field"] for b in bad} <= {"chosen", "rejected"}
+    uf = {"prompt": "2+2?", "prompt_id": "p1", "chosen": [{"role": "user", "content": "2+2?"},
+                                                          {"role": "assistant", "content": "4"}],
+          "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+          "score_chosen": 9.0, "score_rejected": 2.0}
+    assert formats.normalise_sft(uf, formats.detect_sft_format(uf)) == uf["chosen"]
+
+
+def test_hugging_face_dataset_source_through_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNMENT_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "my_dataset"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(7)])
+    paths = formats.expand_paths([f"hf:{d}@train"])
+    assert paths[0].endswith(".parquet") and str(tmp_path / "cache") in paths[0]
+    assert formats.expand_paths([f"hf:{d}"]) == paths  # cached: the same file, not a second copy
+    good, bad = formats.read_rows([f"hf:{d}"], "sft")
+    assert [r["messages"][1]["content"] for r in good] == [f"answer {i}" for i in range(7)] and not bad
+    with pytest.raises(formats.DataError, match="hf:/nowhere"):
+        formats.expand_paths(["hf:/nowhere/at/all@train"])
+
+
+def test_lsh_parameters_and_minhash_similarity():
+    b, r = dedup.lsh_params(0.8, 128)
+    assert b * r <= 128 and r > 1
+    hasher = dedup.MinHasher(128, 3, b, r)
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    a = [rng.choice(words) for _ in range(300)]
+    near = list(a)
+    near[150] = "changed"
+    other = [rng.choice(words) for _ in range(300)]
+    sa, sn, so = (hasher.signature(x) for x in (a, near, other))
+    assert (sa == sn).mean() > 0.9 and (sa == so).mean() < 0.1  # agreement estimates Jaccard
+    assert (hasher.band_hashes(sa) == hasher.band_hashes(sn)).any()
+
+
+def test_find_duplicates_keeps_the_first_row_of_each_group():
+    exact = np.array([5, 7, 5, 9, 7, 11], np.uint64)
+    bands = np.array([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4], [50, 6]], np.uint64)  # row 5 shares a band with 3
+    order = np.array([40, 10, 30, 20, 0, 50])  # file/row order: 4, 1, 3, 2, 0, 5
+    dup, of, kind = dedup.find_duplicates(order, exact, bands)
+    got = {int(d): (int(o), int(k)) for d, o, k in zip(dup, of, kind)}
+    assert got == {1: (4, 0), 0: (2, 0), 5: (3, 1)}
+    dup, _, _ = dedup.find_duplicates(order, exact, None)
+    assert sorted(dup.tolist()) == [0, 1]
+
+
+def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny_model):
+    rng = random.Random(1)
+    words = [f"word{i}" for i in range(3000)]
+    texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(20)]
+    rows = [{"id": f"r{i}", "instruction": f"Question {i}", "output": t} for i, t in enumerate(texts)]
+    rows.append({"id": "exact-copy", "instruction": "QUESTION 3!", "output": texts[3].upper()})  # same normalised text
+    near = texts[5].split()
+    near[30] = "different"
+    rows.append({"id": "near-copy", "instruction": "Question 5", "output": " ".join(near)})
+    rows.append({"id": "too-long", "instruction": "Question long", "output": " ".join(words[:1000])})
+    src = write_jsonl(tmp_path / "pool.jsonl", rows)
+    s = select.spec(length_unit="words", tokenizer=str(tiny_model), max_tokens=2000,
+                    dedup={"mode": "near", "threshold": 0.7, "ngram": 3})
+    out = tmp_path / "out"
+    out.mkdir()
+    res = select.run_select([str(src)], "auto", 5, s, out)
+    c = res["counts"]
+    assert (c["rows_read"], c["rows_duplicate"], c["rows_invalid"]) == (23, 2, 1)
+    assert c["dedup"]["exact"] == 1 and c["dedup"]["near"] == 1
+    assert c["rows_read"] == c["rows_kept"] + c["rows_set_aside"] and c["rows_kept"] == 20
+    aside = {r["id"]: r for r in map(json.loads, open(out / "set_aside.jsonl"))}
+    assert aside["exact-copy"]["error"].startswith("exact duplicate of r3")
+    assert aside["near-copy"]["error"].startswith("near duplicate") and "of r5" in aside["near-copy"]["error"]
+    assert aside["too-long"]["field"] == "messages" and "over-long" in aside["too-long"]["error"]
+    ids = set(pq.read_table(out / "selected.parquet")["id"].to_pylist())
+    assert not ids & {"exact-copy", "near-copy", "too-long"}
