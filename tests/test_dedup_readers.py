@@ -106,3 +106,63 @@ def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny
     assert aside["too-long"]["field"] == "messages" and "over-long" in aside["too-long"]["error"]
     ids = set(pq.read_table(out / "selected.parquet")["id"].to_pylist())
     assert not ids & {"exact-copy", "near-copy", "too-long"}
+
+
+def test_hidden_state_embeddings_last_token_and_mean(tiny_model):
+    """Right-padded batches give each conversation the embedding it gets alone; last_token is the final
+    layer at the last real token, mean the average over real tokens."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from alignment import embed
+
+    tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="right")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModel.from_pretrained(tiny_model).eval()
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there, friend"}],
+             [{"role": "user", "content": "a much longer question about rivers and their water"},
+              {"role": "assistant", "content": "ok"}]]
+    for pooling in ("last_token", "mean"):
+        batched = embed.hidden_state_embeddings(model, tok, convs, pooling, 512, batch_size=2)
+        alone = np.concatenate([embed.hidden_state_embeddings(model, tok, [c], pooling, 512, 1) for c in convs])
+        np.testing.assert_allclose(batched, alone, atol=1e-5)
+        assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    ids = tok(tok.apply_chat_template(convs[0], tokenize=False), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        h = model(**ids).last_hidden_state[0]
+    last = embed.hidden_state_embeddings(model, tok, convs[:1], "last_token", 512, 1)[0]
+    mean = embed.hidden_state_embeddings(model, tok, convs[:1], "mean", 512, 1)[0]
+    np.testing.assert_allclose(last, (h[-1] / h[-1].norm()).numpy(), atol=1e-5)
+    np.testing.assert_allclose(mean, (h.mean(0) / h.mean(0).norm()).numpy(), atol=1e-5)
+
+
+def test_kmeans_selector_samples_evenly_across_clusters(ray_local, tmp_path, tiny_model):
+    """Three topics of very different sizes and scores: top_k takes the long-answer topic only; kmeans takes
+    rows from every topic, the best-scored of each first, and is the same twice."""
+    topics = {"cooking": ("pan", "salt", "oven", "bake", "flour"), "rivers": ("water", "delta", "flow", "bank", "fish"),
+              "code": ("python", "loop", "list", "bug", "compile")}
+    rows, rng = [], random.Random(0)
+    for name, vocab in topics.items():
+        n, length = {"cooking": 30, "rivers": 6, "code": 6}[name], {"cooking": 40, "rivers": 10, "code": 5}[name]
+        for i in range(n):
+            rows.append({"id": f"{name}-{i:02d}", "instruction": f"Tell me about {name}.",
+                         "output": " ".join(rng.choice(vocab) for _ in range(length + i))})
+    src = write_jsonl(tmp_path / "topics.jsonl", rows)
+    picks = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        out.mkdir()
+        res = select.run_select([str(src)], "auto", 6, select.spec(length_unit="words", selector="kmeans", clusters=3,
+                                                                    embedding={"kind": "mean", "model": str(tiny_model)}),
+                                out)
+        t = pq.read_table(out / "selected.parquet")
+        picks.append(t["id"].to_pylist())
+        km = res["counts"]["kmeans"]
+        assert km["clusters"] == 3 and sum(km["pool_per_cluster"]) == 42 and sum(km["selected_per_cluster"]) == 6
+        assert (out / "embeddings.parquet").exists()
+    assert picks[0] == picks[1]
+    assert t["rank"].to_pylist() == list(range(1, 7)) and "messages" in t.column_names
+    assert {i.split("-")[0] for i in picks[0]} == set(topics)  # top_k would take 6 cooking rows
+    # every cluster's best-scored row is in
+    labels = dict(zip(t["id"].to_pylist(), t["cluster"].to_pylist()))
+    assert sorted(labels.values()).count(labels[picks[0][0]]) <= 2

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignment import formats, manifest, scoring, select
+from alignment import embed, formats, manifest, scoring, select
 from conftest import shared, write_jsonl
 
 
@@ -144,8 +144,8 @@ def test_repr_filter_selector_on_local_ray_matches_the_rule(ray_local, tmp_path)
     # the rule, in process: the same scored pool, ordered by score then id, embedded here
     pool = sorted(pq.read_table(r["outputs"]["scored"]).to_pylist(),
                   key=lambda x: (-x["score_length"], x["id"], x["source"], x["row"]))
-    model = SentenceTransformer(select.embedding_model_path("all-minilm-l6-v2"), device="cpu")
-    e = model.encode([select.conversation_text(x["messages"]) for x in pool], normalize_embeddings=True)
+    model = SentenceTransformer(embed.model_path("all-minilm-l6-v2"), device="cpu")
+    e = model.encode([embed.conversation_text(x["messages"]) for x in pool], normalize_embeddings=True)
     assert got["id"].to_pylist() == [pool[i]["id"] for i in diversity.repr_filter_reference(e, 15, 0.9)]
     ids = set(got["id"].to_pylist())
     assert not any(i.endswith("-dup") and i[:-4] in ids for i in ids)
