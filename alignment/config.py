@@ -160,6 +160,10 @@ class SelectConfig(_Strict):
     embedding: EmbeddingConfig = Field(
         default_factory=EmbeddingConfig, description="The embedding model of repr_filter and kmeans."
     )
+    export: list[Literal["trl", "sharegpt", "alpaca"]] = Field(
+        ["trl"], description="Also write the selection as selected.<format>.jsonl: trl (messages), sharegpt "
+        "(conversations of from/value), alpaca (instruction/input/output; single-turn rows only).",
+    )
     allow_fewer: bool = Field(
         False, description="If fewer than k rows are valid (or pass the repr filter), keep them instead of failing."
     )

@@ -534,3 +534,31 @@ def read_rows(patterns: list[str] | str, kind: str, fmt: str = "auto") -> tuple[
 
 def assistant_texts(messages: list[dict[str, str]]) -> list[str]:
     return [m["content"] for m in messages if m["role"] == "assistant"]
+
+
+# ------------------------------------------------------------------------------------------- exports
+
+EXPORT_FORMATS = ("trl", "sharegpt", "alpaca")
+_SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def export_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A normalised row (``id``, ``messages``) in an output format: ``trl`` (conversational language
+    modelling: ``messages``), ``sharegpt`` (``conversations`` of ``from``/``value``) or ``alpaca``
+    (``instruction``/``input``/``output``, optional ``system``; single-turn rows only)."""
+    msgs = row["messages"]
+    if fmt == "trl":
+        return {"id": row["id"], "messages": msgs}
+    if fmt == "sharegpt":
+        return {"id": row["id"], "conversations": [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in msgs]}
+    if fmt == "alpaca":
+        system = [m["content"] for m in msgs if m["role"] == "system"]
+        turns = [m for m in msgs if m["role"] != "system"]
+        if len(turns) != 2:
+            raise RowError("messages", f"row {row['id']} has {len(turns) // 2} user/assistant exchanges; the Alpaca "
+                           "format holds one (export it as trl or sharegpt)")
+        out = {"id": row["id"], "instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
+        if system:
+            out["system"] = system[0]
+        return out
+    raise DataError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")

@@ -85,7 +85,8 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
         inputs["embedding_model"] = fingerprint(embed.model_path(resolved["embedding"]["model"]))
     spec = select.spec(scorers=list(s.scorers), ranking=s.ranking(), length_unit=s.length_unit,
                        tokenizer=tokenizer, seed=cfg.seed, selector=s.selector, tau=s.tau, max_tokens=s.max_tokens,
-                       dedup=config_dict(s.dedup), clusters=s.clusters, kmeans_fit_rows=s.kmeans_fit_rows, **resolved)
+                       dedup=config_dict(s.dedup), clusters=s.clusters, kmeans_fit_rows=s.kmeans_fit_rows,
+                       export=list(s.export), **resolved)
     conf = {"k": k, "format": cfg.data.sft_format, "allow_fewer": s.allow_fewer,
             "tokenizer": cfg.model.base if tokenizer else None,
             **{key: value for key, value in spec.items() if key != "tokenizer"}}

@@ -25,7 +25,7 @@ log = logging.getLogger("alignment")
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 ROWS_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("row", pa.int64()), ("messages", MESSAGES_TYPE),
-    ("field", pa.string()), ("error", pa.string()),
+    ("chars", pa.int64()), ("field", pa.string()), ("error", pa.string()),
 ])
 
 
@@ -43,7 +43,8 @@ def read_batch(batch: dict[str, Any], fmt: str, skip: dict[str, set[int]] | None
         for r in formats.read_shard(shard, "sft", fmt):
             if r["row"] in drop:
                 continue
-            r.setdefault("messages", None)
+            msgs = r.setdefault("messages", None)
+            r["chars"] = sum(len(m["content"]) for m in msgs if m["role"] == "assistant") if msgs else None
             rows.append(r)
     return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
 
@@ -390,16 +391,17 @@ def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = No
          tokenizer: str | None = None, seed: int = 0, selector: str = "top_k", tau: float = 0.9,
          deita: dict[str, Any] | None = None, rating: dict[str, Any] | None = None,
          embedding: dict[str, Any] | None = None, dedup: dict[str, Any] | None = None,
-         max_tokens: int | None = None, clusters: int = 100, kmeans_fit_rows: int = 25_600) -> dict[str, Any]:
+         max_tokens: int | None = None, clusters: int = 100, kmeans_fit_rows: int = 25_600,
+         export: list[str] | None = None) -> dict[str, Any]:
     """A selection spec (what :func:`run_select` takes) with the config's defaults."""
-    from .config import SCORE_COLUMNS, DedupConfig, DeitaConfig, EmbeddingConfig, RatingConfig, config_dict
+    from .config import SCORE_COLUMNS, DedupConfig, DeitaConfig, RatingConfig, SelectConfig, config_dict
 
     scorers = scorers or ["length"]
     if max_tokens is not None and tokenizer is None:
         raise SelectError("max_tokens needs a tokenizer (the trained model's)")
     return {"scorers": scorers, "ranking": ranking or {SCORE_COLUMNS[scorers[0]]: 1.0}, "length_unit": length_unit,
             "tokenizer": tokenizer, "seed": seed, "selector": selector, "tau": tau, "max_tokens": max_tokens,
-            "clusters": clusters, "kmeans_fit_rows": kmeans_fit_rows,
+            "clusters": clusters, "kmeans_fit_rows": kmeans_fit_rows, "export": list(SelectConfig().export if export is None else export),
             "dedup": {**config_dict(DedupConfig()), **(dedup or {})},
             "deita": {**config_dict(DeitaConfig()), **(deita or {})},
             "rating": {**config_dict(RatingConfig()), **(rating or {})},
@@ -585,12 +587,33 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     if n_bad:
         log.warning("select: %d of %d rows set aside (%s); see %s", n_bad, n_read, reasons, aside_path)
     scores = selected["score"] if selected.num_rows else pa.array([], pa.float64())
-    return {
-        "outputs": {"selected": str(out_dir / "selected.parquet"), "scored": str(scored_path),
-                    "set_aside": str(aside_path)},
-        "counts": counts,
-        "metrics": {"files": paths, "scorers": s["scorers"], "ranking": ranking, "length_unit": s["length_unit"],
-                    "selector": selector, "read_and_score_s": round(scoring_s, 3),
-                    "rows_per_s": round(n_read / scoring_s, 1) if scoring_s else None,
-                    "selected_score_min": pc.min(scores).as_py(), "selected_score_max": pc.max(scores).as_py()},
-    }
+    outputs = {"selected": str(out_dir / "selected.parquet"), "scored": str(scored_path), "set_aside": str(aside_path)}
+    if "kmeans" in counts:
+        outputs["embeddings"] = counts["kmeans"].pop("embeddings")
+    outputs.update(export_selection(selected, s["export"], out_dir))
+    metrics = {"files": paths, "scorers": s["scorers"], "ranking": ranking, "length_unit": s["length_unit"],
+               "selector": selector, "read_and_score_s": round(scoring_s, 3),
+               "select_s": round(time.perf_counter() - t0 - scoring_s, 3),
+               "rows_per_s": round(n_read / scoring_s, 1) if scoring_s else None,
+               "selected_score_min": pc.min(scores).as_py(), "selected_score_max": pc.max(scores).as_py()}
+    from . import select_report
+
+    outputs["report"] = str(select_report.write(out_dir, scored_path, selected, counts, metrics))
+    return {"outputs": outputs, "counts": counts, "metrics": metrics}
+
+
+def export_selection(selected: pa.Table, fmts: list[str], out_dir: Path) -> dict[str, str]:
+    """``selected.<format>.jsonl`` for each export format (trl, sharegpt, alpaca), rows in rank order."""
+    out = {}
+    if not fmts:
+        return out
+    rows = selected.select(["id", "messages"]).to_pylist() if selected.num_rows else []
+    for fmt in fmts:
+        path = out_dir / f"selected.{fmt}.jsonl"
+        try:
+            lines = [json.dumps(formats.export_row(r, fmt), ensure_ascii=False) for r in rows]
+        except formats.RowError as e:
+            raise SelectError(f"cannot export the selection as {fmt}: {e.reason}") from e
+        path.write_text("".join(line + "\n" for line in lines))
+        out[f"export_{fmt}"] = str(path)
+    return out

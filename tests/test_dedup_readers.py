@@ -106,6 +106,11 @@ def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny
     assert aside["too-long"]["field"] == "messages" and "over-long" in aside["too-long"]["error"]
     ids = set(pq.read_table(out / "selected.parquet")["id"].to_pylist())
     assert not ids & {"exact-copy", "near-copy", "too-long"}
+    exported = [json.loads(x) for x in open(res["outputs"]["export_trl"])]
+    assert [r["id"] for r in exported] == pq.read_table(out / "selected.parquet")["id"].to_pylist()
+    report = open(res["outputs"]["report"]).read()
+    assert "| duplicate | 2 |" in report and "1 exact and 1 near duplicates removed" in report
+    assert (out / "select_report.png").stat().st_size > 10_000
 
 
 def test_hidden_state_embeddings_last_token_and_mean(tiny_model):
@@ -160,9 +165,25 @@ def test_kmeans_selector_samples_evenly_across_clusters(ray_local, tmp_path, tin
         km = res["counts"]["kmeans"]
         assert km["clusters"] == 3 and sum(km["pool_per_cluster"]) == 42 and sum(km["selected_per_cluster"]) == 6
         assert (out / "embeddings.parquet").exists()
+        assert "covers 3 of them" in open(res["outputs"]["report"]).read()
     assert picks[0] == picks[1]
     assert t["rank"].to_pylist() == list(range(1, 7)) and "messages" in t.column_names
     assert {i.split("-")[0] for i in picks[0]} == set(topics)  # top_k would take 6 cooking rows
     # every cluster's best-scored row is in
     labels = dict(zip(t["id"].to_pylist(), t["cluster"].to_pylist()))
     assert sorted(labels.values()).count(labels[picks[0][0]]) <= 2
+
+
+def test_exports_round_trip_through_the_readers(tmp_path):
+    single = {"id": "a", "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},
+                                      {"role": "assistant", "content": "Hello."}]}
+    multi = {"id": "b", "messages": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "one"},
+                                     {"role": "user", "content": "2?"}, {"role": "assistant", "content": "two"}]}
+    for fmt in ("trl", "sharegpt", "alpaca"):
+        rows = [single] if fmt == "alpaca" else [single, multi]
+        path = write_jsonl(tmp_path / f"{fmt}.jsonl", [formats.export_row(r, fmt) for r in rows])
+        good, bad = formats.read_rows([str(path)], "sft")
+        assert not bad and [g["messages"] for g in good] == [r["messages"] for r in rows]
+        assert [g["id"] for g in good] == [r["id"] for r in rows]
+    with pytest.raises(formats.RowError, match="row b has 2 user/assistant exchanges"):
+        formats.export_row(multi, "alpaca")
