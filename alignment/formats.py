@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_response", "pairs", "hh_rlhf")
 PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
 HF_PREFIX = "hf:"
@@ -197,8 +199,9 @@ class BadJSON:
         self.message = message
 
 
-def iter_raw(shard: Shard) -> Iterator[tuple[int, Any]]:
-    """(row index, parsed row or BadJSON) for every row of a shard."""
+def iter_raw(shard: Shard, only: set[int] | None = None) -> Iterator[tuple[int, Any]]:
+    """(row index, parsed row or BadJSON) for every row of a shard (or only the rows in ``only``: the others
+    are not parsed)."""
     if shard.kind == "jsonl":
         with _open_bytes(shard.path) as f:
             first = 0
@@ -210,12 +213,14 @@ def iter_raw(shard: Shard) -> Iterator[tuple[int, Any]]:
                     continue
                 if shard.stop is not None and i >= shard.stop:
                     break
+                if only is not None and i not in only:
+                    continue
                 if not line.strip():
                     yield i, BadJSON("empty line")
                     continue
                 try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as e:
+                    yield i, orjson.loads(line)
+                except orjson.JSONDecodeError as e:
                     yield i, BadJSON(f"malformed JSON: {e}")
     elif shard.kind == "json":
         with _open_bytes(shard.path) as f:
@@ -233,7 +238,8 @@ def iter_raw(shard: Shard) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{shard.path}: expected a JSON array of rows, got {type(data).__name__}")
         stop = len(data) if shard.stop is None else shard.stop
         for i in range(shard.start, min(stop, len(data))):
-            yield i, data[i]
+            if only is None or i in only:
+                yield i, data[i]
     elif shard.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -242,7 +248,7 @@ def iter_raw(shard: Shard) -> Iterator[tuple[int, Any]]:
         for batch in pf.iter_batches(batch_size=4096):
             rows = batch.to_pylist()
             for r in rows:
-                if i >= shard.start and (shard.stop is None or i < shard.stop):
+                if i >= shard.start and (shard.stop is None or i < shard.stop) and (only is None or i in only):
                     yield i, r
                 i += 1
             if shard.stop is not None and i >= shard.stop:
@@ -492,11 +498,12 @@ def detect_format(shard: Shard, kind: str, max_rows: int = 1000) -> str:
     return "auto"
 
 
-def read_shard(shard: Shard, kind: str, fmt: str = "auto") -> Iterator[dict[str, Any]]:
+def read_shard(shard: Shard, kind: str, fmt: str = "auto", only: set[int] | None = None) -> Iterator[dict[str, Any]]:
     """Normalised rows of a shard. ``kind`` is 'sft', 'preference' or 'eval'.
 
     Good rows: ``{id, source, row, ...payload, error: None}``; bad rows: ``{id, source, row, field, error}``.
-    With ``fmt='auto'`` the format is detected once per shard (see :func:`detect_format`).
+    With ``fmt='auto'`` the format is detected once per shard (see :func:`detect_format`). ``only``: just
+    these row indices (read back later exactly as they were read the first time).
     """
     if fmt == "auto":
         fmt = detect_format(shard, kind)
@@ -505,7 +512,7 @@ def read_shard(shard: Shard, kind: str, fmt: str = "auto") -> Iterator[dict[str,
         "preference": normalise_preference,
         "eval": lambda r, f: {"messages": normalise_eval_prompt(r)},
     }[kind]
-    for index, raw in iter_raw(shard):
+    for index, raw in iter_raw(shard, only):
         base = {"source": shard.path, "row": index}
         if isinstance(raw, BadJSON):
             yield {**base, "id": f"{os.path.basename(shard.path)}:{index}", "field": "(json)", "error": raw.message}

@@ -13,12 +13,16 @@ parity tests and the benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import os
 import re
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import formats
 
@@ -49,24 +53,62 @@ class ScorerError(ValueError):
 # ------------------------------------------------------------------------------------------ length, random
 
 
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
 def length_scores(messages: Sequence[list[dict]], unit: str, tokenizer: Any = None) -> list[int]:
     """Length of all assistant turns of each conversation, in chars, words or tokens (Long Is More)."""
-    texts_per_row = [formats.assistant_texts(m) for m in messages]
+    return [int(x) for x in assistant_lengths(pa.array(list(messages), MESSAGES_TYPE), unit, tokenizer)]
+
+
+@contextlib.contextmanager
+def _tokenizer_threads():
+    """The Rust tokenizer's own threads for one call, even where TOKENIZERS_PARALLELISM=false (our Ray
+    workers' default, against fork-after-threads deadlocks in training); restored afterwards. Measured in
+    benchmark (a): 7.4k -> 9.1k rows/s on 2 cores."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def assistant_lengths(messages: pa.Array | pa.ChunkedArray, unit: str, tokenizer: Any = None) -> np.ndarray:
+    """Length of all assistant turns per row of a messages column (0 for a null row), computed in Arrow:
+    chars are code points (Python's ``len``), words are ``str.split()``'s,
+    tokens come from one batched call of the tokenizer over every assistant turn."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks() if messages.num_chunks else pa.array([], MESSAGES_TYPE)
+    n = len(messages)
+    flat = pc.list_flatten(messages)
+    parents = pc.list_parent_indices(messages).to_numpy()
+    assistant = pc.equal(pc.struct_field(flat, "role"), "assistant").to_numpy(zero_copy_only=False)
+    content = pc.filter(pc.struct_field(flat, "content"), pa.array(assistant))
+    parents = parents[assistant]
     if unit == "chars":
-        return [sum(len(t) for t in ts) for ts in texts_per_row]
-    if unit == "words":
-        return [sum(len(t.split()) for t in ts) for ts in texts_per_row]
-    if unit == "tokens":
+        per = pc.utf8_length(content).to_numpy(zero_copy_only=False)
+    elif unit == "words":  # Python's split beats Arrow's split/regex kernels here (measured: 222k vs 61-73k/s)
+        per = np.array([len(t.split()) for t in content.to_pylist()], dtype=np.int64)
+    elif unit == "tokens":
         if tokenizer is None:
             raise ScorerError("length in tokens needs a tokenizer")
-        flat = [t for ts in texts_per_row for t in ts]
-        ids = tokenizer(flat, add_special_tokens=False, return_attention_mask=False)["input_ids"] if flat else []
-        out, i = [], 0
-        for ts in texts_per_row:
-            out.append(sum(len(x) for x in ids[i:i + len(ts)]))
-            i += len(ts)
-        return out
-    raise ScorerError(f"unknown length unit {unit!r}")
+        texts = content.to_pylist()
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast") and texts:
+            # The Rust tokenizer directly (no offsets, no Python-side wrapping): the same ids, faster.
+            with _tokenizer_threads():
+                enc = backend.encode_batch_fast(texts, add_special_tokens=False)
+            per = np.array([len(e) for e in enc], np.int64)
+        else:
+            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"] if texts else []
+            per = np.array([len(x) for x in ids], dtype=np.int64)
+    else:
+        raise ScorerError(f"unknown length unit {unit!r}")
+    return np.bincount(parents, weights=per, minlength=n).astype(np.int64)
 
 
 def random_scores(ids: Sequence[str], seed: int) -> list[float]:

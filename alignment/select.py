@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ from . import embed, formats, scoring
 
 log = logging.getLogger("alignment")
 
-MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+MESSAGES_TYPE = scoring.MESSAGES_TYPE
 ROWS_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("row", pa.int64()), ("messages", MESSAGES_TYPE),
     ("chars", pa.int64()), ("field", pa.string()), ("error", pa.string()),
@@ -104,14 +105,12 @@ def _scatter(values: list, ok: list[bool], fill: Any = None) -> list:
 
 
 def score_length_batch(table: pa.Table, unit: str, tokenizer_path: str | None) -> pa.Table:
-    """Ray Data UDF: ``score_length`` (null for rows that failed validation)."""
+    """Ray Data UDF: ``score_length`` (null for rows that failed validation), computed in Arrow."""
     from . import models
 
-    ok = _valid(table)
-    msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
     tok = models.load_tokenizer(tokenizer_path) if unit == "tokens" else None
-    col = _scatter([float(x) for x in scoring.length_scores(msgs, unit, tok)], ok)
-    return table.append_column("score_length", pa.array(col, pa.float64()))
+    lengths = scoring.assistant_lengths(table["messages"], unit, tok).astype(np.float64)
+    return table.append_column("score_length", pa.array(lengths, mask=~np.asarray(_valid(table), bool)))
 
 
 def score_random_batch(table: pa.Table, seed: int) -> pa.Table:
@@ -311,6 +310,26 @@ def _repr_filter(scored: Path, score_col: str, k: int, tau: float, emb: dict[str
     return table, {"scanned": f.scanned, "kept": f.n, "rejected_as_similar": f.scanned - f.n}
 
 
+def attach_messages(selected: pa.Table, shards: list[formats.Shard], fmt: str) -> pa.Table:
+    """The selected rows' messages, read back from their files (only those rows are parsed), so that the
+    scoring pass streams ids and scores alone to the driver."""
+    want: dict[str, set[int]] = {}
+    for src, row in zip(selected["source"].to_pylist(), selected["row"].to_pylist()):
+        want.setdefault(src, set()).add(row)
+    found: dict[tuple[str, int], Any] = {}
+    for shard in shards:
+        stop = math.inf if shard.stop is None else shard.stop
+        rows = {r for r in want.get(shard.path, ()) if shard.start <= r < stop}
+        if rows:
+            for r in formats.read_shard(shard, "sft", fmt, only=rows):
+                found[(r["source"], r["row"])] = r.get("messages")
+    msgs = [found.get(key) for key in zip(selected["source"].to_pylist(), selected["row"].to_pylist())]
+    missing = [i for i, m in zip(selected["id"].to_pylist(), msgs) if m is None]
+    if missing:
+        raise SelectError(f"selected rows changed in their files while selecting (first: {missing[:3]}); run again")
+    return selected.append_column("messages", pa.array(msgs, MESSAGES_TYPE))
+
+
 def _row_keys(table: pa.Table) -> pa.Array:
     """``source\x00row`` per row: unique across files (ids need not be)."""
     return pc.binary_join_element_wise(table["source"], pc.cast(table["row"], pa.string()), "\x00")
@@ -443,8 +462,11 @@ def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], skip: dict[s
     """Ray Data: the normalised, validated rows of the shards."""
     import ray
 
-    ds = ray.data.from_items([sh.to_dict() for sh in shards]).map_batches(
-        read_batch, fn_kwargs={"fmt": fmt, "skip": skip}, batch_size=1, batch_format="numpy")
+    ds = ray.data.from_items([sh.to_dict() for sh in shards], override_num_blocks=len(shards)).map_batches(
+        read_batch, fn_kwargs={"fmt": fmt, "skip": skip}, batch_size=1, batch_format="numpy",
+        # Ray Data's own estimate runs one shard task at a time here (its output budget); a shard is
+        # seconds of CPU work, so let every CPU of the cluster read one.
+        concurrency=max(1, int(ray.cluster_resources().get("CPU", 1))))
     if s.get("max_tokens"):
         ds = ds.map_batches(check_length_batch, fn_kwargs={"max_tokens": s["max_tokens"], "tokenizer_path": s["tokenizer"]},
                             batch_size=256, batch_format="pyarrow")
@@ -513,6 +535,9 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     skip, dup_records, dedup_counts = (_dedup(shards, paths, fmt, s, batch_size) if s["dedup"]["mode"] != "none"
                                        else ({}, [], None))
     ds = add_scorers(_rows(shards, fmt, s, skip), s, batch_size)
+    if s["selector"] == "top_k":
+        # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
+        ds = ds.drop_columns(["messages"])
     ranking, selector = s["ranking"], s["selector"]
     top = TopK(k)
     n_read = n_valid = n_invalid = n_unscored = 0
@@ -545,7 +570,7 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
                 aside.write(json.dumps(r) + "\n")
             if ranked.num_rows:
                 # The scored pool; the texts only where the selector reads them again (repr_filter embeds them).
-                pool = ranked if selector != "top_k" else ranked.drop_columns(["messages"])
+                pool = ranked
                 if writer is None:
                     writer = pq.ParquetWriter(scored_path, pool.schema)
                 writer.write_table(pool)
@@ -569,6 +594,8 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
         counts["dedup"] = dedup_counts
     if selector == "top_k":
         selected = top.result()
+        if selected.num_rows:
+            selected = attach_messages(selected, shards, fmt)
     elif n_valid == 0:
         selected = pa.table({})
     elif selector == "kmeans":
