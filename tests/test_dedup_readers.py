@@ -187,3 +187,15 @@ def test_exports_round_trip_through_the_readers(tmp_path):
         assert [g["id"] for g in good] == [r["id"] for r in rows]
     with pytest.raises(formats.RowError, match="row b has 2 user/assistant exchanges"):
         formats.export_row(multi, "alpaca")
+
+
+def test_new_select_keys_are_validated():
+    from alignment.config import ConfigError, SelectConfig
+
+    assert SelectConfig(selector="kmeans", clusters=7).clusters == 7
+    assert SelectConfig(embedding={"kind": "mean"}).embedding.model_name("my-model") == "my-model"
+    assert SelectConfig().embedding.model_name("my-model") == "all-minilm-l6-v2"
+    for bad in ({"dedup": {"mode": "fuzzy"}}, {"dedup": {"threshold": 1.5}}, {"export": ["csv"]},
+                {"embedding": {"kind": "cls"}}, {"max_tokens": 0}):
+        with pytest.raises((ValueError, ConfigError)):
+            SelectConfig(**bad)
