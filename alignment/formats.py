@@ -319,6 +319,14 @@ def _turns(items: Any, field: str, role_key: str, content_key: str) -> list[dict
     return out
 
 
+def _pick(row: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The first of ``keys`` the row has (RowError naming the first one if none)."""
+    for key in keys:
+        if key in row:
+            return key
+    raise RowError(keys[0], "missing")
+
+
 def normalise_sft(row: Any, fmt: str = "auto") -> list[dict[str, str]]:
     """Messages ``[{role, content}, ...]`` of one instruction row, or RowError."""
     if not isinstance(row, dict):
@@ -334,11 +342,8 @@ def normalise_sft(row: Any, fmt: str = "auto") -> list[dict[str, str]]:
             raise RowError("messages", "missing")
         return _check_turns(_turns(row["messages"], "messages", "role", "content"), "messages")
     if fmt == "alpaca":
-        if "instruction" not in row:
-            raise RowError("instruction", "missing")
-        out_key = "output" if "output" in row else "response"
-        if out_key not in row:
-            raise RowError("output", "missing")
+        _pick(row, ("instruction",))
+        out_key = _pick(row, ("output", "response"))
         instruction = _text(row["instruction"], "instruction")
         extra = row.get("input") or ""
         if not isinstance(extra, str):
@@ -351,11 +356,8 @@ def normalise_sft(row: Any, fmt: str = "auto") -> list[dict[str, str]]:
         return messages
     if fmt == "prompt_response":
         # TRL's prompt-completion format too: strings, or lists of messages (conversational).
-        if "prompt" not in row:
-            raise RowError("prompt", "missing")
-        out_key = "response" if "response" in row else "completion"
-        if out_key not in row:
-            raise RowError("response", "missing")
+        _pick(row, ("prompt",))
+        out_key = _pick(row, ("response", "completion"))
         messages = _as_messages(row["prompt"], "prompt", "user") + _as_messages(row[out_key], out_key, "assistant")
         return _check_turns(messages, out_key)
     if fmt in PREFERENCE_FORMATS:
