@@ -32,10 +32,6 @@ def normalise_text(text: str) -> str:
     return " ".join(_WORD.findall(text.casefold()))
 
 
-def conversation_text(messages: list[dict]) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
 def _h64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
@@ -93,6 +89,8 @@ class MinHasher:
 
 def signatures(messages: list[dict], hasher: MinHasher | None) -> tuple[int, np.ndarray | None]:
     """(exact hash of the normalised conversation, LSH band hashes or None)."""
+    from .formats import conversation_text
+
     norm = normalise_text(conversation_text(messages))
     exact = _h64(norm.encode())
     if hasher is None:

@@ -19,13 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import formats
+
 KINDS = ("sentence", "last_token", "mean")
 DEFAULT_SENTENCE_MODEL = "all-minilm-l6-v2"
-
-
-def conversation_text(messages: list[dict]) -> str:
-    """The whole conversation as one text for a sentence embedding."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def model_path(name: str) -> str:
@@ -96,7 +93,7 @@ class SentenceEmbedder:
         self.batch_size = batch_size
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        texts = [conversation_text(m) for m in table["messages"].to_pylist()]
+        texts = [formats.conversation_text(m) for m in table["messages"].to_pylist()]
         emb = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False)
         return table.append_column("embedding", _column(emb))
@@ -129,9 +126,7 @@ class HiddenStateEmbedder:
 
 def add_embeddings(ds: Any, emb: dict[str, Any], batch_size: int) -> Any:
     """Ray Data: append ``embedding`` to every row, in an actor pool as ``emb`` (an EmbeddingConfig dict) says."""
-    import math
-
-    import ray
+    from .ray_env import actor_pool, actor_threads
 
     kind = emb["kind"]
     if kind not in KINDS:
@@ -140,8 +135,7 @@ def add_embeddings(ds: Any, emb: dict[str, Any], batch_size: int) -> Any:
     return ds.map_batches(
         cls,
         fn_constructor_kwargs={"model_path": model_path(emb["model"]), "batch_size": emb["batch_size"],
-                               "threads": max(1, math.ceil(emb["cpus_per_actor"])), "use_gpu": emb["gpus_per_actor"] > 0,
+                               "threads": actor_threads(emb), "use_gpu": emb["gpus_per_actor"] > 0,
                                "pooling": kind, "max_length": emb["max_length"]},
-        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=emb["num_actors"]),
-        num_cpus=emb["cpus_per_actor"], num_gpus=emb["gpus_per_actor"] or None,
+        batch_size=batch_size, batch_format="pyarrow", **actor_pool(emb),
     )

@@ -10,6 +10,7 @@ Pure Python and pyarrow: no Ray here. The select stage maps :func:`read_shard` o
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import io
@@ -93,10 +94,12 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
+@functools.lru_cache(maxsize=64)
 def hf_to_parquet(source: str, cache: Path | None = None) -> str:
     """A Hugging Face dataset (``hf:NAME[:CONFIG][@SPLIT]``, a hub name or a local dataset directory), loaded
     with ``datasets`` and written once to a Parquet file in the cache (keyed by the dataset's fingerprint),
-    so that it is read in shards like any other file. Row ids fall back to ``<that file>:<row>``."""
+    so that it is read in shards like any other file. Row ids fall back to ``<that file>:<row>``. Loaded once
+    per process (the stage's fingerprint and its run both expand the sources)."""
     import datasets
 
     from .models import cache_dir
@@ -541,8 +544,9 @@ def read_rows(patterns: list[str] | str, kind: str, fmt: str = "auto") -> tuple[
     return good, bad
 
 
-def assistant_texts(messages: list[dict[str, str]]) -> list[str]:
-    return [m["content"] for m in messages if m["role"] == "assistant"]
+def conversation_text(messages: list[dict[str, str]]) -> str:
+    """The whole conversation as one text (``role: content`` lines): what is embedded and deduplicated."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 # ------------------------------------------------------------------------------------------- exports

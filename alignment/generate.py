@@ -12,10 +12,10 @@ input order. Decoding is greedy.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from .endpoints import GenerationError
+from .ray_env import actor_pool, actor_threads
 
 log = logging.getLogger("alignment")
 
@@ -60,12 +60,10 @@ def _generate_transformers(model: str, prompts: list[dict], g: dict[str, Any]) -
     ds = ds.map_batches(
         HFGenerator,
         fn_constructor_kwargs={"model_path": model, "max_new_tokens": g["max_new_tokens"],
-                               "threads": max(1, math.ceil(g["cpus_per_actor"])), "use_gpu": g["gpus_per_actor"] > 0},
+                               "threads": actor_threads(g), "use_gpu": g["gpus_per_actor"] > 0},
         batch_size=g["batch_size"],
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=g["num_actors"]),
-        num_cpus=g["cpus_per_actor"],
-        num_gpus=g["gpus_per_actor"] or None,
+        **actor_pool(g),
     )
     return _ordered(prompts, ds.take_all())
 

@@ -73,6 +73,8 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     inputs = _files(cfg.data.sft, "sft")
     if tokenizer:
         inputs["tokenizer"] = fingerprint(tokenizer)
+    if s.max_tokens and cfg.model.chat_template:
+        inputs["chat_template"] = fingerprint(cfg.model.chat_template)
     if "deita" in s.scorers:
         for key in ("complexity_model", "quality_model"):
             resolved["deita"][key] = models.resolve(getattr(s.deita, key))
@@ -86,7 +88,8 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     spec = select.spec(scorers=list(s.scorers), ranking=s.ranking(), length_unit=s.length_unit,
                        tokenizer=tokenizer, seed=cfg.seed, selector=s.selector, tau=s.tau, max_tokens=s.max_tokens,
                        dedup=config_dict(s.dedup), clusters=s.clusters, kmeans_fit_rows=s.kmeans_fit_rows,
-                       export=list(s.export), **resolved)
+                       export=list(s.export), chat_template=cfg.model.chat_template if s.max_tokens else None,
+                       **resolved)
     conf = {"k": k, "format": cfg.data.sft_format, "allow_fewer": s.allow_fewer,
             "tokenizer": cfg.model.base if tokenizer else None,
             **{key: value for key, value in spec.items() if key != "tokenizer"}}

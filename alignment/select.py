@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import embed, formats, scoring
+from .ray_env import actor_pool, actor_threads
 
 log = logging.getLogger("alignment")
 
@@ -44,18 +45,23 @@ def read_batch(batch: dict[str, Any], fmt: str, skip: dict[str, set[int]] | None
         for r in formats.read_shard(shard, "sft", fmt):
             if r["row"] in drop:
                 continue
-            msgs = r.setdefault("messages", None)
-            r["chars"] = sum(len(m["content"]) for m in msgs if m["role"] == "assistant") if msgs else None
+            r.setdefault("messages", None)
             rows.append(r)
-    return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
+    # Response length in characters for the selection report, whatever the scorers (the length scorer's own
+    # definition); null for invalid rows.
+    chars = scoring.assistant_lengths(table["messages"], "chars")
+    return table.set_column(table.schema.get_field_index("chars"), "chars",
+                            pa.array(chars, pa.int64(), mask=~np.asarray(_valid(table), bool)))
 
 
-def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str) -> pa.Table:
-    """Ray Data UDF: rows longer than ``max_tokens`` in the model's chat template become invalid (with the reason)."""
+def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str, chat_template: str | None) -> pa.Table:
+    """Ray Data UDF: rows longer than ``max_tokens`` in the model's chat template (``model.chat_template`` where
+    set) become invalid (with the reason)."""
     from . import models
 
     ok = _valid(table)
-    tok = models.load_tokenizer(tokenizer_path)
+    tok = models.load_tokenizer(tokenizer_path, chat_template)
     msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
     texts = [tok.apply_chat_template(m, tokenize=False) for m in msgs]
     counts = _scatter([len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else [], ok)
@@ -71,8 +77,6 @@ def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str) ->
 def signature_batch(table: pa.Table, near: bool, num_perm: int, ngram: int, bands: int, rows: int,
                     seed: int) -> pa.Table:
     """Ray Data UDF: the dedup signatures of valid rows (``dedup_exact``; ``dedup_bands`` for near)."""
-    import numpy as np
-
     from . import dedup
 
     hasher = dedup.MinHasher(num_perm, ngram, bands, rows, seed) if near else None
@@ -197,17 +201,6 @@ def _rated(table: pa.Table, ok: list[bool], answers: list[str], errors: list[str
     )
 
 
-def _actor_kwargs(pool: dict[str, Any]) -> dict[str, Any]:
-    import ray
-
-    return {"compute": ray.data.ActorPoolStrategy(size=pool["num_actors"]), "num_cpus": pool["cpus_per_actor"],
-            "num_gpus": pool["gpus_per_actor"] or None}
-
-
-def _threads(pool: dict[str, Any]) -> int:
-    return max(1, math.ceil(pool["cpus_per_actor"]))
-
-
 def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int) -> Any:
     """Chain the configured scorers onto a Ray Data dataset of normalised rows."""
     columns = list(ROWS_SCHEMA.names)
@@ -230,9 +223,9 @@ def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int) -> Any:
                     DeitaScorer,
                     fn_constructor_kwargs={"complexity_model": d["complexity_model"], "quality_model": d["quality_model"],
                                            "max_length": d["max_length"], "batch_size": d["batch_size"],
-                                           "threads": _threads(d), "use_gpu": d["gpus_per_actor"] > 0,
+                                           "threads": actor_threads(d), "use_gpu": d["gpus_per_actor"] > 0,
                                            "dtype": d["dtype"]},
-                    batch_size=max(256, d["batch_size"]), batch_format="pyarrow", **_actor_kwargs(d))
+                    batch_size=max(256, d["batch_size"]), batch_format="pyarrow", **actor_pool(d))
         elif name == "rating":
             r = spec["rating"]
             template = r.get("prompt") or scoring.RATING_PROMPT
@@ -249,9 +242,9 @@ def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int) -> Any:
                 ds = ds.map_batches(
                     LocalRater,
                     fn_constructor_kwargs={"model_path": r["model"], "template": template,
-                                           "max_new_tokens": r["max_new_tokens"], "threads": _threads(r),
+                                           "max_new_tokens": r["max_new_tokens"], "threads": actor_threads(r),
                                            "use_gpu": r["gpus_per_actor"] > 0},
-                    batch_size=r["batch_size"], batch_format="pyarrow", **_actor_kwargs(r))
+                    batch_size=r["batch_size"], batch_format="pyarrow", **actor_pool(r))
         else:
             raise SelectError(f"unknown scorer {name!r}")
         columns = [*dict.fromkeys([*columns, *SCORER_COLUMNS[name]])]
@@ -330,21 +323,21 @@ def attach_messages(selected: pa.Table, shards: list[formats.Shard], fmt: str) -
     return selected.append_column("messages", pa.array(msgs, MESSAGES_TYPE))
 
 
-def _row_keys(table: pa.Table) -> pa.Array:
-    """``source\x00row`` per row: unique across files (ids need not be)."""
-    return pc.binary_join_element_wise(table["source"], pc.cast(table["row"], pa.string()), "\x00")
+def _rank_in_group(labels: np.ndarray) -> np.ndarray:
+    """Position of each row within its run of equal labels (rows already sorted by label)."""
+    start = np.r_[0, np.flatnonzero(labels[1:] != labels[:-1]) + 1]
+    return np.arange(len(labels)) - np.repeat(start, np.diff(np.r_[start, len(labels)]))
 
 
 def _kmeans(scored: Path, k: int, n_clusters: int, fit_rows: int, emb: dict[str, Any], batch_size: int, seed: int,
-            out_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
-    """k-means diversity sampling: embed every ranked row (Ray Data actors; ``embeddings.parquet`` keeps ids,
-    scores and embeddings), fit centroids on a seeded sample, assign every row, then take the best-scored row
-    of every cluster in turn (cluster 0, 1, ..., then each one's second best, ...) until k rows are taken."""
-    import numpy as np
+            emb_path: Path) -> tuple[pa.Table, dict[str, Any]]:
+    """k-means diversity sampling: embed every ranked row (Ray Data actors; ``emb_path`` keeps ids, scores and
+    embeddings), fit centroids on a seeded sample, assign every row, then take the best-scored row of every
+    cluster in turn (cluster 0, 1, ..., then each one's second best, ...) until k rows are taken. Returns the
+    chosen rows without their texts (every score, ``cluster``), best score first."""
     import ray
     from sklearn.cluster import KMeans
 
-    emb_path = out_dir / "embeddings.parquet"
     writer: pq.ParquetWriter | None = None
     sample_h, sample_ids, sample_v = np.zeros(0), np.zeros(0, dtype=object), None
     ds = embed.add_embeddings(ray.data.read_parquet(str(scored)), emb, batch_size)
@@ -365,13 +358,11 @@ def _kmeans(scored: Path, k: int, n_clusters: int, fit_rows: int, emb: dict[str,
     if writer is None:
         return pa.table({}), {"clusters": 0}
     writer.close()
-    keep = np.lexsort((sample_ids.astype(str), sample_h))[:fit_rows]
-    x = sample_v[keep]
+    x = sample_v[np.lexsort((sample_ids.astype(str), sample_h))[:fit_rows]]
     n_clusters = min(n_clusters, len(x))
     km = KMeans(n_clusters=n_clusters, random_state=seed, n_init="auto").fit(x)
     pool_sizes = np.zeros(n_clusters, dtype=np.int64)
-    order = [("cluster", "ascending"), ("score", "descending"), ("id", "ascending"), ("source", "ascending"),
-             ("row", "ascending")]
+    order = [("cluster", "ascending"), *TopK.SORT]
     cand: pa.Table | None = None
     for batch in pq.ParquetFile(emb_path).iter_batches(batch_size=max(batch_size, 8192)):
         t = pa.Table.from_batches([batch]).drop_columns(["embedding"])
@@ -379,31 +370,13 @@ def _kmeans(scored: Path, k: int, n_clusters: int, fit_rows: int, emb: dict[str,
         pool_sizes += np.bincount(label, minlength=n_clusters)
         t = t.append_column("cluster", pa.array(label))
         t = (t if cand is None else pa.concat_tables([cand, t])).sort_by(order)
-        lab = t["cluster"].to_numpy()
-        start = np.r_[0, np.flatnonzero(lab[1:] != lab[:-1]) + 1]
-        pos = np.arange(len(lab)) - np.repeat(start, np.diff(np.r_[start, len(lab)]))
-        cand = t.filter(pa.array(pos < k))  # no cluster gives more than k rows
+        cand = t.filter(pa.array(_rank_in_group(t["cluster"].to_numpy()) < k))  # no cluster gives more than k rows
     lab = cand["cluster"].to_numpy()
-    start = np.r_[0, np.flatnonzero(lab[1:] != lab[:-1]) + 1]
-    pos = np.arange(len(lab)) - np.repeat(start, np.diff(np.r_[start, len(lab)]))
-    take = np.lexsort((lab, pos))[:k]  # round robin: every cluster's best, then every cluster's second best, ...
+    take = np.lexsort((lab, _rank_in_group(lab)))[:k]  # round robin: every cluster's best, then second best, ...
     chosen = cand.take(pa.array(take)).sort_by(TopK.SORT)
-    # The chosen rows' texts and every score, from the scored pool.
-    wanted = _row_keys(chosen)
-    parts = []
-    for batch in pq.ParquetFile(scored).iter_batches(batch_size=max(batch_size, 8192)):
-        t = pa.Table.from_batches([batch])
-        hit = t.filter(pc.is_in(_row_keys(t), value_set=wanted))
-        if hit.num_rows:
-            parts.append(hit)
-    full = pa.concat_tables(parts)
-    pos_of = {key: i for i, key in enumerate(_row_keys(full).to_pylist())}
-    full = full.take(pa.array([pos_of[key] for key in wanted.to_pylist()]))
-    selected = full.append_column("cluster", chosen["cluster"])
     selected_sizes = np.bincount(chosen["cluster"].to_numpy(), minlength=n_clusters)
-    return selected, {"clusters": n_clusters, "fit_rows": int(len(x)), "inertia": float(km.inertia_),
-                      "pool_per_cluster": pool_sizes.tolist(), "selected_per_cluster": selected_sizes.tolist(),
-                      "embeddings": str(emb_path)}
+    return chosen, {"clusters": n_clusters, "fit_rows": int(len(x)), "inertia": float(km.inertia_),
+                    "pool_per_cluster": pool_sizes.tolist(), "selected_per_cluster": selected_sizes.tolist()}
 
 
 def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = None, length_unit: str = "tokens",
@@ -411,7 +384,7 @@ def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = No
          deita: dict[str, Any] | None = None, rating: dict[str, Any] | None = None,
          embedding: dict[str, Any] | None = None, dedup: dict[str, Any] | None = None,
          max_tokens: int | None = None, clusters: int = 100, kmeans_fit_rows: int = 25_600,
-         export: list[str] | None = None) -> dict[str, Any]:
+         export: list[str] | None = None, chat_template: str | None = None) -> dict[str, Any]:
     """A selection spec (what :func:`run_select` takes) with the config's defaults."""
     from .config import SCORE_COLUMNS, DedupConfig, DeitaConfig, RatingConfig, SelectConfig, config_dict
 
@@ -419,7 +392,7 @@ def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = No
     if max_tokens is not None and tokenizer is None:
         raise SelectError("max_tokens needs a tokenizer (the trained model's)")
     return {"scorers": scorers, "ranking": ranking or {SCORE_COLUMNS[scorers[0]]: 1.0}, "length_unit": length_unit,
-            "tokenizer": tokenizer, "seed": seed, "selector": selector, "tau": tau, "max_tokens": max_tokens,
+            "tokenizer": tokenizer, "chat_template": chat_template, "seed": seed, "selector": selector, "tau": tau, "max_tokens": max_tokens,
             "clusters": clusters, "kmeans_fit_rows": kmeans_fit_rows, "export": list(SelectConfig().export if export is None else export),
             "dedup": {**config_dict(DedupConfig()), **(dedup or {})},
             "deita": {**config_dict(DeitaConfig()), **(deita or {})},
@@ -468,7 +441,8 @@ def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], skip: dict[s
         # seconds of CPU work, so let every CPU of the cluster read one.
         concurrency=max(1, int(ray.cluster_resources().get("CPU", 1))))
     if s.get("max_tokens"):
-        ds = ds.map_batches(check_length_batch, fn_kwargs={"max_tokens": s["max_tokens"], "tokenizer_path": s["tokenizer"]},
+        ds = ds.map_batches(check_length_batch, fn_kwargs={"max_tokens": s["max_tokens"], "tokenizer_path": s["tokenizer"],
+                                                       "chat_template": s.get("chat_template")},
                             batch_size=256, batch_format="pyarrow")
     return ds
 
@@ -478,8 +452,6 @@ def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str,
     """A first pass over the data: which valid rows are duplicates. Returns (source -> rows to skip, a
     set-aside record per removed row, counts)."""
     import time
-
-    import numpy as np
 
     from . import dedup
 
@@ -569,11 +541,9 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
                 reasons[key] = reasons.get(key, 0) + 1
                 aside.write(json.dumps(r) + "\n")
             if ranked.num_rows:
-                # The scored pool; the texts only where the selector reads them again (repr_filter embeds them).
-                pool = ranked
                 if writer is None:
-                    writer = pq.ParquetWriter(scored_path, pool.schema)
-                writer.write_table(pool)
+                    writer = pq.ParquetWriter(scored_path, ranked.schema)
+                writer.write_table(ranked)
                 if selector == "top_k":
                     top.add(ranked)
     if writer is not None:
@@ -600,7 +570,8 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
         selected = pa.table({})
     elif selector == "kmeans":
         selected, counts["kmeans"] = _kmeans(scored_path, k, s["clusters"], s["kmeans_fit_rows"], s["embedding"],
-                                             batch_size, s["seed"], out_dir)
+                                             batch_size, s["seed"], out_dir / "embeddings.parquet")
+        selected = attach_messages(selected, shards, fmt)
     else:
         selected, counts["repr_filter"] = _repr_filter(scored_path, "score", k, s["tau"], s["embedding"], batch_size)
         if selected.num_rows < k and not allow_fewer:
@@ -615,8 +586,8 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
         log.warning("select: %d of %d rows set aside (%s); see %s", n_bad, n_read, reasons, aside_path)
     scores = selected["score"] if selected.num_rows else pa.array([], pa.float64())
     outputs = {"selected": str(out_dir / "selected.parquet"), "scored": str(scored_path), "set_aside": str(aside_path)}
-    if "kmeans" in counts:
-        outputs["embeddings"] = counts["kmeans"].pop("embeddings")
+    if selector == "kmeans":
+        outputs["embeddings"] = str(out_dir / "embeddings.parquet")
     outputs.update(export_selection(selected, s["export"], out_dir))
     metrics = {"files": paths, "scorers": s["scorers"], "ranking": ranking, "length_unit": s["length_unit"],
                "selector": selector, "read_and_score_s": round(scoring_s, 3),

@@ -145,7 +145,7 @@ def test_repr_filter_selector_on_local_ray_matches_the_rule(ray_local, tmp_path)
     pool = sorted(pq.read_table(r["outputs"]["scored"]).to_pylist(),
                   key=lambda x: (-x["score_length"], x["id"], x["source"], x["row"]))
     model = SentenceTransformer(embed.model_path("all-minilm-l6-v2"), device="cpu")
-    e = model.encode([embed.conversation_text(x["messages"]) for x in pool], normalize_embeddings=True)
+    e = model.encode([formats.conversation_text(x["messages"]) for x in pool], normalize_embeddings=True)
     assert got["id"].to_pylist() == [pool[i]["id"] for i in diversity.repr_filter_reference(e, 15, 0.9)]
     ids = set(got["id"].to_pylist())
     assert not any(i.endswith("-dup") and i[:-4] in ids for i in ids)
