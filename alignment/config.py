@@ -27,6 +27,9 @@ class ModelConfig(_Strict):
         "smollm2-135m-instruct",
         description="Model to align: a registry name (see `alignment models list`), a Hugging Face id or a local path.",
     )
+    instruct: str | None = Field(
+        None, description="An instruction-tuned model for pref.start_from: instruct (scenario 3); same forms as base.",
+    )
     chat_template: str | None = Field(
         None, description="Path to a .jinja chat template that replaces the model's own (for models without one)."
     )
@@ -42,7 +45,10 @@ class DataConfig(_Strict):
         "data as instruction data: the prompt and the chosen answer.",
     )
     preferences: list[str] = Field(default_factory=list, description="Preference pairs: files, globs or directories.")
-    preferences_format: Literal["auto", "pairs", "hh_rlhf"] = "auto"
+    preferences_format: Literal["auto", "pairs", "hh_rlhf", "unpaired"] = Field(
+        "auto", description="pairs (prompt/chosen/rejected, UltraFeedback style too), hh_rlhf transcripts, or "
+        "unpaired (prompt/completion/label: KTO only).",
+    )
     eval_prompts: str | None = Field(None, description="Eval prompt set (JSON/JSONL; Vicuna, Koala, ... or messages).")
     max_eval_prompts: int | None = Field(None, ge=1, description="Use only the first N eval prompts.")
 
@@ -187,7 +193,20 @@ class SelectConfig(_Strict):
         return {SCORE_COLUMNS[n]: w for n, w in (self.rank_by or {self.scorers[0]: 1.0}).items()}
 
 
-class SFTConfig(_Strict):
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) instead of full fine-tuning; checkpoints hold the adapter, merged on load."""
+
+    r: int = Field(16, ge=1, description="Rank of the adapters.")
+    alpha: int = Field(32, ge=1, description="lora_alpha: the adapters' scale is alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters (peft names; all-linear: every linear layer but the head)."
+    )
+
+
+class TrainConfig(_Strict):
+    """What every training stage shares: steps, optimiser, batches, checkpoints, logging."""
+
     max_steps: int = Field(100, ge=1)
     save_steps: int | None = Field(None, ge=1, description="Save (and keep) a checkpoint every N steps.")
     save_at: list[int] | None = Field(None, description="Or save at exactly these steps; the last step is always saved.")
@@ -197,14 +216,18 @@ class SFTConfig(_Strict):
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16)
-    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only.")
     save_only_model: bool = Field(
         False, description="Checkpoints without optimizer state: smaller and faster, but a killed run cannot resume them."
     )
     logging_steps: int = Field(1, ge=1)
+    eval_rows: int = Field(
+        0, ge=0, description="Rows held out (a seeded choice) to measure the eval loss at every saved checkpoint.",
+    )
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations (default: on GPU only).")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight (peft).")
 
     @model_validator(mode="after")
-    def _save_schedule(self) -> "SFTConfig":
+    def _save_schedule(self) -> "TrainConfig":
         if self.save_at is not None:
             bad = [s for s in self.save_at if s < 1 or s > self.max_steps]
             if bad:
@@ -222,39 +245,94 @@ class SFTConfig(_Strict):
         return sorted(steps | {self.max_steps})
 
 
+class SFTConfig(TrainConfig):
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only.")
+    packing: bool = Field(False, description="Pack several rows into each max_length sequence (TRL's bfd packing).")
+
+
 # The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 
+PREF_METHODS = ("dpo", "ipo", "kto", "cpo", "simpo", "orpo")
 
-class PrefConfig(_Strict):
-    method: Literal["dpo"] = Field("dpo", description="Preference method (TRL's DPOTrainer).")
-    loss_type: str = Field("sigmoid", description="DPO loss type as TRL names it (sigmoid = DPO, ipo = IPO, ...).")
-    beta: float = Field(0.1, gt=0)
-    start_from: Literal["sft", "base"] = Field(
-        "sft",
-        description="sft: from a saved SFT checkpoint (scenario 1); base: from model.base itself, "
-        "a pretrained or an instruction-tuned model (scenarios 2 and 3).",
+# The parameters each method takes, with their defaults there. A parameter set in the config for a method
+# that does not take it is a config error.
+METHOD_PARAMS: dict[str, dict[str, Any]] = {
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
+    "ipo": {"beta": 0.1, "precompute_ref_log_probs": False},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_log_probs": False},
+    "cpo": {"beta": 0.1, "cpo_alpha": 1.0, "label_smoothing": 0.0},
+    "simpo": {"beta": 2.0, "gamma": 1.0},
+    "orpo": {"lambda": 0.1},
+}
+
+
+class PrefConfig(TrainConfig):
+    method: Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"] = Field(
+        "dpo", description="dpo (any loss_type), ipo (DPO with the IPO loss), kto (TRL's KTOTrainer; paired data is "
+        "split into desirable and undesirable rows), cpo, simpo (TRL's CPOTrainer) or orpo (TRL's ORPOTrainer).",
     )
-    sft_step: int | Literal["last"] = Field("last", description="Which saved SFT step DPO starts from.")
+    # Method parameters: None means the method's default (METHOD_PARAMS).
+    beta: float | None = Field(None, gt=0, description="KL / reward scale (dpo, ipo, kto, cpo, simpo).")
+    loss_type: str | None = Field(None, description="dpo only: the loss as TRL names it (sigmoid = DPO, hinge, ...).")
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="dpo, cpo: conservative / robust DPO.")
+    precompute_ref_log_probs: bool | None = Field(
+        None, description="dpo, ipo, kto: compute the reference model's log-probs once before training (then the "
+        "reference model is not held during training).",
+    )
+    desirable_weight: float | None = Field(None, gt=0, description="kto: weight of desirable rows.")
+    undesirable_weight: float | None = Field(None, gt=0, description="kto: weight of undesirable rows.")
+    cpo_alpha: float | None = Field(None, ge=0, description="cpo: weight of the NLL term on chosen answers.")
+    gamma: float | None = Field(None, ge=0, description="simpo: target reward margin.")
+    lambda_: float | None = Field(None, alias="lambda", gt=0, description="orpo: weight of the odds-ratio loss.")
+
+    start_from: Literal["sft", "base", "instruct"] = Field(
+        "sft",
+        description="The scenario: sft (from a saved SFT checkpoint: SFT then preference tuning), base (from "
+        "model.base, a pretrained model) or instruct (from model.instruct, an instruction-tuned model).",
+    )
+    sft_step: int | Literal["last"] = Field("last", description="Which saved SFT step preference tuning starts from.")
+    num_pairs: int | None = Field(
+        None, ge=1, description="Train on a seeded subset of this many rows (each smaller size's subset is inside "
+        "every larger one's); default: every valid row.",
+    )
     max_steps: int = Field(50, ge=1)
     learning_rate: float = Field(5e-7, gt=0)
     lr_scheduler_type: str = "linear"
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
     per_device_batch_size: int = Field(2, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16)
-    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
-    logging_steps: int = Field(1, ge=1)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     @field_validator("loss_type")
     @classmethod
-    def _known_loss(cls, v: str) -> str:
-        if v not in DPO_LOSS_TYPES:
+    def _known_loss(cls, v: str | None) -> str | None:
+        if v is not None and v not in DPO_LOSS_TYPES:
             raise ValueError(f"unknown DPO loss_type {v!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
         return v
+
+    def given_params(self) -> dict[str, Any]:
+        """The method parameters set in the config (by their config names)."""
+        names = {p for params in METHOD_PARAMS.values() for p in params}
+        return {n: getattr(self, "lambda_" if n == "lambda" else n) for n in names
+                if getattr(self, "lambda_" if n == "lambda" else n) is not None}
+
+    def check_params(self, methods: list[str]) -> None:
+        """Every parameter set must belong to one of ``methods``."""
+        for name in sorted(self.given_params()):
+            if not any(name in METHOD_PARAMS[m] for m in methods):
+                takers = [m for m in PREF_METHODS if name in METHOD_PARAMS[m]]
+                raise ValueError(f"pref.{name} does not apply to method {' / '.join(methods)}; "
+                                 f"it is a parameter of {', '.join(takers)}")
+
+    def method_params(self, method: str | None = None) -> dict[str, Any]:
+        """``method``'s parameters: its defaults, overridden by those set in the config."""
+        method = method or self.method
+        given = self.given_params()
+        return {k: given.get(k, default) for k, default in METHOD_PARAMS[method].items()}
 
 
 class GenerateConfig(ActorPoolConfig):
@@ -285,15 +363,21 @@ class JudgeConfig(_Strict):
 class SearchConfig(_Strict):
     k: list[int] | None = Field(None, description="Selection sizes to try; default: [select.k].")
     sft_step: list[int | Literal["last"]] | None = Field(None, description="SFT steps DPO starts from; default: [pref.sft_step].")
+    method: list[Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"]] | None = Field(
+        None, description="Preference methods to try; default: [pref.method].",
+    )
+    num_pairs: list[int] | None = Field(
+        None, description="Preference training-set sizes to try (nested seeded subsets); default: [pref.num_pairs].",
+    )
     metric: Literal["win_rate", "score"] = Field(
         "win_rate", description="win_rate: wins / valid prompts; score: (wins + ties/2) / valid prompts."
     )
 
-    @field_validator("k")
+    @field_validator("k", "num_pairs")
     @classmethod
     def _positive(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (not v or any(x < 1 for x in v)):
-            raise ValueError("search.k must be a non-empty list of positive integers")
+            raise ValueError("must be a non-empty list of positive integers")
         return v
 
 
@@ -304,6 +388,10 @@ class ResourcesConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded local Ray (default: all).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = False
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How Ray Train workers share the model: fsdp (FSDP2, GPU workers only) or ddp; auto: fsdp "
+        "on more than one GPU worker, else ddp. The manifest records what really ran.",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str | None = Field(
         None, description="Where Ray Train persists checkpoints (local path or cloud URI); default: the run directory."
@@ -337,12 +425,24 @@ class ExperimentConfig(_Strict):
                 raise ValueError(
                     f"SFT step {s} is never saved; saved steps are {steps} (set sft.save_steps or sft.save_at)"
                 )
+        self.pref.check_params(self.search.method or [self.pref.method])
+        if self.resources.strategy == "fsdp" and not self.resources.use_gpu:
+            raise ValueError("resources.strategy: fsdp needs GPU workers (resources.use_gpu: true); on CPU workers "
+                             "the Hugging Face Trainer runs DDP")
+        if self.pref.start_from == "instruct" and not self.model.instruct:
+            raise ValueError("pref.start_from: instruct needs model.instruct (the instruction-tuned model)")
         return self
 
-    def search_grid(self) -> tuple[list[int], list[int | str]]:
+    def search_grid(self) -> list[dict[str, Any]]:
+        """Every point of the search: ``{k, sft_step, method, num_pairs}``, k varying slowest."""
         ks = self.search.k or [self.select.k]
         steps = self.search.sft_step or [self.pref.sft_step]
-        return ks, steps
+        if self.pref.start_from != "sft":
+            steps = steps[:1]  # no SFT step to choose
+        methods = self.search.method or [self.pref.method]
+        sizes = self.search.num_pairs or [self.pref.num_pairs]
+        return [{"k": k, "sft_step": s, "method": m, "num_pairs": n}
+                for k in ks for s in steps for m in methods for n in sizes]
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_response", "pairs", "hh_rlhf")
-PREFERENCE_FORMATS = ("pairs", "hh_rlhf")
+PREFERENCE_FORMATS = ("pairs", "hh_rlhf", "unpaired")
 HF_PREFIX = "hf:"
 
 _ROLE_MAP = {
@@ -402,15 +402,32 @@ def detect_preference_format(row: dict[str, Any]) -> str:
         if "prompt" not in row and isinstance(sample, str) and "\n\nHuman:" in sample:
             return "hh_rlhf"
         return "pairs"
+    if "completion" in row and "label" in row:
+        return "unpaired"
     raise RowError("(format)", f"cannot tell the format from the fields {sorted(row)[:10]}; set data.preferences_format")
 
 
 def normalise_preference(row: Any, fmt: str = "auto") -> dict[str, Any]:
-    """``{prompt: messages, chosen: str, rejected: str}`` of one preference row, or RowError."""
+    """``{prompt: messages, chosen: str, rejected: str}`` of one preference row (``unpaired``: TRL's
+    ``{prompt, completion, label}`` for KTO, normalised to ``{prompt: messages, completion: str, label: bool}``),
+    or RowError."""
     if not isinstance(row, dict):
         raise RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
     if fmt == "auto":
         fmt = detect_preference_format(row)
+    if fmt == "unpaired":
+        for key in ("prompt", "completion", "label"):
+            if key not in row:
+                raise RowError(key, "missing")
+        if not isinstance(row["label"], bool):
+            raise RowError("label", f"expected true (desirable) or false (undesirable), got {row['label']!r}")
+        prompt = _as_messages(row["prompt"], "prompt", "user")
+        completion = _as_messages(row["completion"], "completion", "assistant")
+        if len(completion) != 1 or completion[0]["role"] != "assistant":
+            raise RowError("completion", "expected one assistant answer")
+        if prompt[-1]["role"] != "user":
+            raise RowError("prompt", "the prompt must end with a user turn")
+        return {"prompt": prompt, "completion": completion[0]["content"], "label": row["label"]}
     for key in ("chosen", "rejected"):
         if key not in row:
             raise RowError(key, "missing")

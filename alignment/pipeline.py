@@ -98,26 +98,41 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
                                                  s.batch_size))
 
 
+def _training_outputs(d: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's manifest parts: every checkpoint (step, path, train and eval loss), the per-step
+    metrics (also in ``metrics.jsonl``; TensorBoard events in the latest checkpoint) and what really ran."""
+    _write_jsonl(d / "metrics.jsonl", run["history"])
+    ckpts = [{"step": c["step"], "path": c["path"], "train_loss": c["metrics"].get("loss"),
+              "eval_loss": c["metrics"].get("eval_loss")} for c in run["checkpoints"]]
+    return {"checkpoints": ckpts, "metrics_log": str(d / "metrics.jsonl"), "tensorboard": run["tensorboard"]}
+
+
 def sft_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     k = k or cfg.select.k
     sel = select_stage(cfg, k)
     selected = sel["outputs"]["selected"]
     base = models.resolve(cfg.model.base)
-    settings = train.sft_settings(config_dict(cfg.sft), cfg.seed)
+    settings = train.train_settings(config_dict(cfg.sft), cfg.seed, "sft")
     save_steps = cfg.sft.checkpoint_steps()
     res = _resources(cfg)
-    conf = {"settings": settings, "save_steps": save_steps, "model": cfg.model.base,
-            "chat_template": cfg.model.chat_template, "num_workers": res["num_workers"], "use_gpu": res["use_gpu"]}
+    conf = {"settings": settings, "save_steps": save_steps, "eval_rows": cfg.sft.eval_rows, "model": cfg.model.base,
+            "chat_template": cfg.model.chat_template, "num_workers": res["num_workers"], "use_gpu": res["use_gpu"],
+            "strategy": res["strategy"]}
     inputs = {"selected": fingerprint(selected), "model": fingerprint(base)}
 
     def work(d: Path) -> dict[str, Any]:
         rows = [{"id": r["id"], "messages": r["messages"]} for r in pq.read_table(selected).to_pylist()]
-        ckpts = train.fit("sft", rows, base, settings, save_steps, _storage(cfg, d), res, cfg.model.chat_template)
+        if cfg.sft.eval_rows:
+            rows, held = train.split_rows(rows, cfg.seed, cfg.sft.eval_rows, None)
+        else:
+            held = []
+        run = train.fit("sft", rows, base, settings, save_steps, _storage(cfg, d), res, cfg.model.chat_template,
+                        eval_rows=held)
         return {
-            "outputs": {"checkpoints": [{"step": c["step"], "path": c["path"], "train_loss": c["metrics"].get("loss")}
-                                        for c in ckpts]},
-            "counts": {"rows": len(rows), "checkpoints": len(ckpts)},
-            "metrics": {"history": [c["metrics"] for c in ckpts], **train.environment_facts(res)},
+            "outputs": _training_outputs(d, run),
+            "counts": {"rows": len(rows) + len(held), "train_rows": len(rows), "eval_rows": len(held),
+                       "checkpoints": len(run["checkpoints"])},
+            "metrics": {"final": run["checkpoints"][-1]["metrics"], **run["facts"]},
         }
 
     return run_stage(cfg.run_dir, "sft", f"k{k}", conf, inputs, work)
@@ -138,39 +153,54 @@ def read_preferences(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
     return good, bad
 
 
-def pref_stage(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None) -> dict[str, Any]:
+def pref_stage(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None,
+               method: str | None = None, num_pairs: int | None = None) -> dict[str, Any]:
+    """Preference tuning with ``method`` (default pref.method) on ``num_pairs`` rows (default pref.num_pairs),
+    from the scenario's start: an SFT checkpoint, model.base or model.instruct."""
     p = cfg.pref
     sft_step = p.sft_step if sft_step is None else sft_step
+    method = method or p.method
+    num_pairs = p.num_pairs if num_pairs is None else num_pairs
     if p.start_from == "sft":
         k = k or cfg.select.k
         ckpt = _pick_checkpoint(sft_stage(cfg, k), sft_step)
         start, label = ckpt["path"], f"k{k}-step{ckpt['step']}"
         start_info = {"from": "sft", "sft_step": ckpt["step"], "checkpoint": start}
     else:
-        start, label = models.resolve(cfg.model.base), "base"
-        start_info = {"from": "base", "model": cfg.model.base}
-    settings = train.pref_settings(config_dict(p), cfg.seed)
+        name = cfg.model.base if p.start_from == "base" else cfg.model.instruct
+        start, label = models.resolve(name), p.start_from
+        start_info = {"from": p.start_from, "model": name}
+    label += f"-{method}" + (f"-n{num_pairs}" if num_pairs else "")
+    params = p.method_params(method)
+    settings = train.train_settings(config_dict(p), cfg.seed, method, params)
+    save_steps = p.checkpoint_steps()
     res = _resources(cfg)
-    conf = {"method": p.method, "settings": settings, "max_pairs": p.max_pairs, "format": cfg.data.preferences_format,
-            "start": start_info, "chat_template": cfg.model.chat_template, "num_workers": res["num_workers"],
-            "use_gpu": res["use_gpu"]}
+    conf = {"method": method, "settings": settings, "save_steps": save_steps, "num_pairs": num_pairs,
+            "eval_rows": p.eval_rows, "format": cfg.data.preferences_format, "start": start_info,
+            "chat_template": cfg.model.chat_template, "num_workers": res["num_workers"], "use_gpu": res["use_gpu"],
+            "strategy": res["strategy"]}
     inputs = {**_files(cfg.data.preferences, "preferences"), "start": fingerprint(start)}
 
     def work(d: Path) -> dict[str, Any]:
         pairs, bad = read_preferences(cfg)
         _write_jsonl(d / "set_aside.jsonl", bad)
-        used = pairs[: p.max_pairs] if p.max_pairs else pairs
-        if not used:
-            raise PipelineError(f"no valid preference pairs in {cfg.data.preferences} ({len(bad)} set aside, "
+        if not pairs:
+            raise PipelineError(f"no valid preference rows in {cfg.data.preferences} ({len(bad)} set aside, "
                                 f"see {d / 'set_aside.jsonl'})")
-        ckpts = train.fit("pref", [{k_: r[k_] for k_ in ("id", "prompt", "chosen", "rejected")} for r in used],
-                          start, settings, [p.max_steps], _storage(cfg, d), res, cfg.model.chat_template)
-        final = ckpts[-1]
+        try:
+            used, held = train.split_rows(pairs, cfg.seed, p.eval_rows, num_pairs)
+        except train.TrainError as e:
+            raise PipelineError(f"{e} ({cfg.data.preferences}: {len(pairs)} valid rows)") from None
+        keep = ("id", "prompt", "chosen", "rejected", "completion", "label")
+        run = train.fit(method, [{k_: r[k_] for k_ in keep if k_ in r} for r in used], start, settings, save_steps,
+                        _storage(cfg, d), res, cfg.model.chat_template,
+                        eval_rows=[{k_: r[k_] for k_ in keep if k_ in r} for r in held])
         return {
-            "outputs": {"model": final["path"], "start": start_info, "set_aside": str(d / "set_aside.jsonl")},
+            "outputs": {"model": run["checkpoints"][-1]["path"], "start": start_info,
+                        "set_aside": str(d / "set_aside.jsonl"), **_training_outputs(d, run)},
             "counts": {"pairs_read": len(pairs) + len(bad), "pairs_kept": len(pairs), "pairs_set_aside": len(bad),
-                       "pairs_used": len(used)},
-            "metrics": {"final": final["metrics"], **train.environment_facts(res)},
+                       "pairs_used": len(used), "pairs_eval": len(held)},
+            "metrics": {"final": run["checkpoints"][-1]["metrics"], "params": params, **run["facts"]},
         }
 
     return run_stage(cfg.run_dir, "pref", label, conf, inputs, work)
@@ -249,19 +279,23 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
 # ------------------------------------------------------------------------------------------ composition
 
 
-def trained_model(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None) -> tuple[str, str]:
-    pref = pref_stage(cfg, k, sft_step)
+def trained_model(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None,
+                  method: str | None = None, num_pairs: int | None = None) -> tuple[str, str]:
+    pref = pref_stage(cfg, k, sft_step, method, num_pairs)
     return pref["outputs"]["model"], f"{pref['label']}-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"
 
 
-def run_point(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None) -> dict[str, Any]:
+def run_point(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None,
+              method: str | None = None, num_pairs: int | None = None) -> dict[str, Any]:
     """select -> sft -> pref -> generate (trained and baseline) -> judge; returns the point's results."""
-    model, label = trained_model(cfg, k, sft_step)
+    model, label = trained_model(cfg, k, sft_step, method, num_pairs)
     target = generate_stage(cfg, model, label)
     base = generate_stage(cfg, baseline_model(cfg), "baseline")
     verdict = judge_stage(cfg, target, base)
     m = verdict["metrics"]
     return {"k": k or cfg.select.k, "sft_step": cfg.pref.sft_step if sft_step is None else sft_step,
+            "method": method or cfg.pref.method,
+            "num_pairs": cfg.pref.num_pairs if num_pairs is None else num_pairs,
             "start_from": cfg.pref.start_from, "metric": m.get(cfg.search.metric), **m,
             "model": model, "judge_dir": verdict["dir"]}
 

@@ -8,9 +8,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("win", "win"), ("tie", "tie"), ("loss", "loss"),
+COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs"), ("win", "win"), ("tie", "tie"), ("loss", "loss"),
            ("invalid", "invalid"), ("win_rate", "win rate"), ("score", "score"),
            ("order_disagreement_rate", "orders disagree")]
+
+
+def _columns(results: list[dict]) -> list[tuple[str, str]]:
+    """The table's columns: method and pairs only where the search varied them."""
+    varied = {key for key in ("method", "num_pairs") if len({str(r.get(key)) for r in results}) > 1}
+    return [(k, n) for k, n in COLUMNS if k not in ("method", "num_pairs") or k in varied]
+
+
+def _point(r: dict, sep: str = ", ") -> str:
+    """A grid point's name: k and SFT step, and the method and size where present."""
+    parts = [f"k = {r['k']}", f"SFT step = {r['sft_step']}"]
+    if r.get("method"):
+        parts.append(f"method = {r['method']}")
+    if r.get("num_pairs"):
+        parts.append(f"pairs = {r['num_pairs']}")
+    return sep.join(parts)
 
 
 def _fmt(v: Any) -> str:
@@ -29,13 +45,16 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-    ks = sorted({r["k"] for r in results})
     steps = sorted({r["sft_step"] for r in results}, key=lambda s: (isinstance(s, str), s))
-    for k in ks:
-        pts = [(steps.index(r["sft_step"]), r.get(metric)) for r in results if r["k"] == k]
+    lines = sorted({(r["k"], r.get("method"), r.get("num_pairs")) for r in results}, key=str)
+    for k, method, n in lines:
+        pts = [(steps.index(r["sft_step"]), r.get(metric)) for r in results
+               if (r["k"], r.get("method"), r.get("num_pairs")) == (k, method, n)]
         pts = [(x, y) for x, y in sorted(pts) if y is not None and not math.isnan(y)]
+        label = f"k = {k}" + (f", {method}" if len({x[1] for x in lines}) > 1 else "") \
+            + (f", {n} pairs" if len({x[2] for x in lines}) > 1 else "")
         if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"k = {k}")
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
     ax.set_xticks(range(len(steps)), [str(s) for s in steps])
     ax.set_xlabel("SFT checkpoint step that preference tuning starts from")
     ax.set_ylabel(metric.replace("_", " "))
@@ -47,7 +66,7 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
         ax.text(0.5, 0.5, "no valid judgements", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{metric.replace('_', ' ')} against the baseline")
 
-    labels = [f"k={r['k']}\nstep {r['sft_step']}" for r in results]
+    labels = [_point(r, "\n").replace(" = ", "=").replace("SFT step", "step") for r in results]
     bottom = [0] * len(results)
     for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("invalid", "white")):
         vals = [r.get(key) or 0 for r in results]
@@ -79,30 +98,31 @@ def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dic
     ranking = ranking.replace("length", f"length ({sel['length_unit']})")
     intro = [
         f"Experiment **{cfg['name']}**: model `{cfg['model']['base']}`, selection ranked by {ranking} "
-        f"({sel['selector']}), preference method {cfg['pref']['method']} "
-        f"(loss {cfg['pref']['loss_type']}, beta {cfg['pref']['beta']}), starting from {cfg['pref']['start_from']}.",
+        f"({sel['selector']}), preference method {', '.join(cfg['search'].get('method') or [cfg['pref']['method']])}, "
+        f"starting from {cfg['pref']['start_from']}.",
         f"Judge: `{judge_cfg['model']}` ({judge_cfg['backend']}), both orders, aggregation rule **{judge_cfg['rule']}**"
         + (" with a format example" if judge_cfg.get("format_example") else "") + f"; baseline: `{baseline}`.",
         "Rates are over valid prompts (both orders parsed); *invalid* counts prompts with an unparsed judgement.",
     ]
     if best:
-        intro.append(f"Best by {metric}: k = {best['k']}, SFT step = {best['sft_step']} ({_fmt(best['metric'])}).")
+        intro.append(f"Best by {metric}: {_point(best)} ({_fmt(best['metric'])}).")
     else:
         intro.append(f"No point has a valid {metric}: every judgement was unparsed or failed.")
 
-    header = "| " + " | ".join(name for _, name in COLUMNS) + " |"
-    sep = "|" + "---|" * len(COLUMNS)
-    rows = ["| " + " | ".join(_fmt(r.get(key)) for key, _ in COLUMNS) + " |" for r in results]
+    columns = _columns(results)
+    header = "| " + " | ".join(name for _, name in columns) + " |"
+    sep = "|" + "---|" * len(columns)
+    rows = ["| " + " | ".join(_fmt(r.get(key)) for key, _ in columns) + " |" for r in results]
     md = ["# Alignment report", "", *intro, "", header, sep, *rows, "", f"![{metric}](winrate.png)", ""]
     for r in failed:
-        md.append(f"- k = {r['k']}, SFT step = {r['sft_step']} failed: {r['error']}")
+        md.append(f"- {_point(r)} failed: {r['error']}")
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
 
     img = base64.b64encode(png.read_bytes()).decode()
-    cells = "".join(f"<th>{html.escape(n)}</th>" for _, n in COLUMNS)
-    body_rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k, _ in COLUMNS) + "</tr>"
+    cells = "".join(f"<th>{html.escape(n)}</th>" for _, n in columns)
+    body_rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k, _ in columns) + "</tr>"
                         for r in results)
-    errors = "".join(f"<li>k = {r['k']}, SFT step = {r['sft_step']} failed: {html.escape(r['error'])}</li>" for r in failed)
+    errors = "".join(f"<li>{html.escape(_point(r))} failed: {html.escape(r['error'])}</li>" for r in failed)
     intro_html = "".join(f"<p>{html.escape(p).replace('**', '')}</p>" for p in intro)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>Alignment report</title>"

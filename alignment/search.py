@@ -1,12 +1,15 @@
-"""The search: a Ray Tune grid over the selection size k and the SFT step that preference tuning starts from.
+"""The search: a Ray Tune grid over the selection size k, the SFT step that preference tuning starts from,
+the preference method and the preference training-set size.
 
-Each trial calls ``trial_fn(cfg, k, sft_step)`` (the pipeline's ``run_point``) and reports its metric.
+Each trial calls ``trial_fn(cfg, k, sft_step, method, num_pairs)`` (the pipeline's ``run_point``) and
+reports its metric.
 Trials with the same k share one selection and one SFT run through the stage manifests; with several
 trials at once, a file lock per stage makes the later trial wait for the earlier one's result.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -19,7 +22,7 @@ from .config import ExperimentConfig
 log = logging.getLogger("alignment")
 
 # What a trial's result keeps from the point's metrics (plus every ``*_rate``).
-_KEEP = ("k", "sft_step", "start_from", "metric", "rule", "prompts", "valid", "win", "tie", "loss", "invalid",
+_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", "rule", "prompts", "valid", "win", "tie", "loss", "invalid",
          "judgements", "unparsed_judgements", "score", "model", "judge_dir")
 
 
@@ -28,7 +31,7 @@ def _trial(config: dict[str, Any], cfg_json: dict[str, Any], trial_fn: Callable)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ExperimentConfig.model_validate(cfg_json)
-    result = trial_fn(cfg, config["k"], config["sft_step"])
+    result = trial_fn(cfg, **config["point"])
     metric = result.get("metric")
     tune.report({**result, "metric": float("nan") if metric is None else float(metric)})
 
@@ -37,10 +40,9 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable) -> tuple[list[dict[str
     """Every grid point's results (the trial's error where one failed) and the search's timings."""
     from ray import tune
 
-    ks, steps = cfg.search_grid()
-    if cfg.pref.start_from != "sft" and len(steps) > 1:
+    points = cfg.search_grid()
+    if cfg.pref.start_from != "sft" and len(cfg.search.sft_step or []) > 1:
         log.warning("pref.start_from=%s: search.sft_step has no effect", cfg.pref.start_from)
-        steps = steps[:1]
     started = time.time()
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), trial_fn=trial_fn),
@@ -48,7 +50,7 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable) -> tuple[list[dict[str
     )
     tuner = tune.Tuner(
         trainable,
-        param_space={"k": tune.grid_search(ks), "sft_step": tune.grid_search(steps)},
+        param_space={"point": tune.grid_search(points)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(Path(cfg.run_dir).resolve() / "search"),
@@ -57,7 +59,7 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable) -> tuple[list[dict[str
     grid = tuner.fit()
     results = []
     for r in grid:
-        row = {"k": r.config["k"], "sft_step": r.config["sft_step"]}
+        row = dict(r.config["point"])
         if r.error:
             lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
             row["error"] = (lines[-1] if lines else type(r.error).__name__)[:500]
@@ -69,7 +71,7 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable) -> tuple[list[dict[str
             m["metric"] = None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else metric
             row.update({k: v for k, v in m.items() if k in _KEEP or k.endswith("_rate")})
         results.append(row)
-    order = {(k, s): i for i, (k, s) in enumerate((k, s) for k in ks for s in steps)}
-    results.sort(key=lambda r: order.get((r["k"], r["sft_step"]), 0))
+    order = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
+    results.sort(key=lambda r: order.get(json.dumps({k: r[k] for k in points[0]}, sort_keys=True), 0))
     return results, {"seconds": round(time.time() - started, 3)}
 

@@ -1,46 +1,128 @@
 """The sft and pref stages: TRL trainers inside Ray Train ``TorchTrainer`` workers.
 
-``build_sft_trainer`` / ``build_pref_trainer`` are plain functions over plain data (rows, a model path,
-a dict of settings) and run without Ray. ``fit`` runs one of them on Ray Train workers: every checkpoint
-is saved at its step, reported to Ray Train with its metrics and kept; a restarted worker group resumes
-from the latest one.
+``build_trainer`` is a plain function over plain data (rows, a model path, a dict of settings) and runs
+without Ray: SFT (``SFTTrainer``), DPO and IPO (``DPOTrainer``), KTO (``KTOTrainer``), CPO and SimPO
+(``CPOTrainer``), ORPO (``ORPOTrainer``). ``fit`` runs it on Ray Train workers: a checkpoint is saved at
+every scheduled step, evaluated on the held-out rows, reported to Ray Train with its metrics and kept; a
+restarted worker group resumes from the latest one (optimizer, scheduler, data position and RNG included),
+so no step is repeated or lost. Every logging step's metrics (loss, rewards, accuracies, margins, learning
+rate, tokens/s) go to the trainer's log history and to TensorBoard event files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("alignment")
 
-
-def _device_args(use_gpu: bool) -> dict[str, Any]:
-    # TRL defaults to bf16 and gradient checkpointing; on CPUs without bf16 units that is 10x slower.
-    if use_gpu:
-        return {"bf16": True, "gradient_checkpointing": True}
-    return {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
+TB_DIR = "runs"  # where transformers' TensorBoard callback writes, under the trainer's output_dir
 
 
-def _common_args(s: dict[str, Any], output_dir: str) -> dict[str, Any]:
+class TrainError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def seeded_order(rows: list[dict], seed: int) -> list[dict]:
+    """Rows in an order fixed by the seed and each row's id (not by the input's order)."""
+    def key(r: dict) -> str:
+        return hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()
+
+    return sorted(rows, key=key)
+
+
+def split_rows(rows: list[dict], seed: int, eval_rows: int, num_rows: int | None) -> tuple[list[dict], list[dict]]:
+    """(train, eval): ``eval_rows`` held out, then the first ``num_rows`` of the rest, both in the seeded order.
+
+    The same seed gives nested subsets: the rows of a smaller ``num_rows`` are among those of a larger one,
+    and the held-out rows are the same whatever ``num_rows`` is.
+    """
+    ordered = seeded_order(rows, seed)
+    if eval_rows >= len(ordered):
+        raise TrainError(f"eval_rows={eval_rows} leaves no training rows out of {len(ordered)}")
+    held, rest = ordered[:eval_rows], ordered[eval_rows:]
+    if num_rows is not None:
+        if num_rows > len(rest):
+            raise TrainError(f"num_pairs={num_rows} but only {len(rest)} rows are left after {eval_rows} eval rows")
+        rest = rest[:num_rows]
+    return rest, held
+
+
+def method_dataset(rows: list[dict], method: str) -> list[dict]:
+    """The rows as the method's TRL trainer takes them (conversational: lists of messages).
+
+    sft: ``{messages}``; paired methods: ``{prompt, chosen, rejected}``; kto: ``{prompt, completion, label}``,
+    where each pair gives a desirable (chosen) and an undesirable (rejected) row.
+    """
+    def answer(text: str) -> list[dict]:
+        return [{"role": "assistant", "content": text}]
+
+    if method == "sft":
+        return [{"messages": r["messages"]} for r in rows]
+    unpaired = [r for r in rows if "completion" in r]
+    if method == "kto":
+        out = []
+        for r in rows:
+            if "completion" in r:
+                out.append({"prompt": r["prompt"], "completion": answer(r["completion"]), "label": r["label"]})
+            else:
+                out.append({"prompt": r["prompt"], "completion": answer(r["chosen"]), "label": True})
+                out.append({"prompt": r["prompt"], "completion": answer(r["rejected"]), "label": False})
+        return out
+    if unpaired:
+        raise TrainError(f"method {method} trains on pairs, but {len(unpaired)} rows are unpaired "
+                         f"(prompt/completion/label, first {unpaired[0]['id']}); only kto takes unpaired rows")
+    return [{"prompt": r["prompt"], "chosen": answer(r["chosen"]), "rejected": answer(r["rejected"])} for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------- trainers
+
+
+def _device_args(s: dict[str, Any]) -> dict[str, Any]:
+    # TRL defaults to bf16; on CPUs without bf16 units that is 10x slower. Gradient checkpointing: GPU default.
+    ckpt = s.get("gradient_checkpointing")
+    ckpt = s["use_gpu"] if ckpt is None else ckpt
+    if s["use_gpu"]:
+        args: dict[str, Any] = {"bf16": True, "gradient_checkpointing": ckpt}
+        if s.get("strategy") == "fsdp":
+            # FSDP2 through accelerate: every decoder layer and the root sharded, full state dict on save.
+            args["fsdp"] = "full_shard auto_wrap"
+            args["fsdp_config"] = {"version": 2, "state_dict_type": "FULL_STATE_DICT",
+                                   "activation_checkpointing": ckpt}
+            args["gradient_checkpointing"] = False  # FSDP's own activation checkpointing instead
+        return args
+    return {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": ckpt}
+
+
+def _common_args(s: dict[str, Any], output_dir: str, has_eval: bool) -> dict[str, Any]:
     return {
         "output_dir": output_dir,
         "max_steps": s["max_steps"],
         "per_device_train_batch_size": s["per_device_batch_size"],
+        "per_device_eval_batch_size": s["per_device_batch_size"],
         "gradient_accumulation_steps": s["gradient_accumulation_steps"],
         "learning_rate": s["learning_rate"],
         "lr_scheduler_type": s["lr_scheduler_type"],
         "warmup_steps": math.ceil(s["warmup_ratio"] * s["max_steps"]),
         "logging_steps": s["logging_steps"],
         "save_strategy": "no",  # SaveAtSteps decides
+        "eval_strategy": "no",  # evaluated at every saved step, by SaveAtSteps
         "save_only_model": s.get("save_only_model", False),
-        "report_to": "none",
+        "report_to": ["tensorboard"],  # event files under <output_dir>/runs/ (TB_DIR)
         "seed": s["seed"],
         "data_seed": s["seed"],
         "dataloader_num_workers": 0,
-        **_device_args(s["use_gpu"]),
+        "max_length": s["max_length"],
+        **_device_args(s),
     }
 
 
@@ -59,89 +141,228 @@ def _tokenizer(model_path: str, chat_template: str | None):
     tok = AutoTokenizer.from_pretrained(model_path)
     if chat_template:
         tok.chat_template = Path(chat_template).read_text()
+    if tok.chat_template is None:
+        raise TrainError(f"{model_path} has no chat template; set model.chat_template to a .jinja file")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def build_sft_trainer(rows: list[dict], model_path: str, settings: dict[str, Any], output_dir: str,
-                      chat_template: str | None = None):
-    """TRL SFTTrainer on conversational rows ``{"messages": [...]}``, loss on assistant tokens only."""
+def _peft_config(lora: dict[str, Any] | None):
+    if not lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+def _trainer_classes(method: str):
+    """(config class, trainer class, method-specific config arguments from the settings)."""
+    if method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        return SFTConfig, SFTTrainer, lambda p: {}
+    if method in ("dpo", "ipo"):
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOConfig, DPOTrainer, lambda p: {
+            "beta": p["beta"], "loss_type": [p.get("loss_type", "ipo")], "label_smoothing": p.get("label_smoothing", 0.0),
+            "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOConfig, KTOTrainer, lambda p: {
+            "beta": p["beta"], "desirable_weight": p["desirable_weight"], "undesirable_weight": p["undesirable_weight"],
+            "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
+    if method in ("cpo", "simpo"):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        if method == "cpo":
+            return CPOConfig, CPOTrainer, lambda p: {"loss_type": "sigmoid", "beta": p["beta"],
+                                                     "cpo_alpha": p["cpo_alpha"], "label_smoothing": p["label_smoothing"]}
+        return CPOConfig, CPOTrainer, lambda p: {"loss_type": "simpo", "beta": p["beta"], "simpo_gamma": p["gamma"],
+                                                 "cpo_alpha": 0.0}
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOConfig, ORPOTrainer, lambda p: {"beta": p["lambda"]}  # TRL's ORPO beta is the paper's lambda
+    raise TrainError(f"unknown method {method!r}")
+
+
+def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict[str, Any], output_dir: str,
+                  chat_template: str | None = None, eval_rows: list[dict] | None = None):
+    """The TRL trainer for ``method`` ('sft' or a preference method) on normalised rows.
+
+    sft rows: ``{messages}``, loss on assistant tokens only when ``settings['assistant_only_loss']``;
+    preference rows: ``{prompt: messages, chosen: str, rejected: str}`` (or unpaired ``completion``/``label``
+    for kto). Reference-model methods (dpo, ipo, kto) use the starting weights as the reference (with LoRA:
+    the weights with the adapters off); cpo, simpo and orpo have none.
+    """
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     from . import models
 
+    config_cls, trainer_cls, method_args = _trainer_classes(method)
     tok = _tokenizer(model_path, chat_template)
-    if settings["assistant_only_loss"]:
-        training_template = models.training_chat_template(tok)
-        if training_template:
-            tok.chat_template = training_template  # renders the same; saved checkpoints carry it
-    args = SFTConfig(
-        **_common_args(settings, output_dir),
-        max_length=settings["max_length"],
-        assistant_only_loss=settings["assistant_only_loss"],
-        packing=False,
+    extra: dict[str, Any] = {}
+    if method == "sft":
+        if settings["assistant_only_loss"]:
+            training_template = models.training_chat_template(tok)
+            if training_template:
+                tok.chat_template = training_template  # renders the same; saved checkpoints carry it
+        extra = {"assistant_only_loss": settings["assistant_only_loss"], "packing": settings.get("packing", False)}
+    args = config_cls(**_common_args(settings, output_dir, bool(eval_rows)), **extra,
+                      **method_args(settings.get("params", {})))
+    kwargs: dict[str, Any] = {}
+    if method in ("dpo", "ipo", "kto"):
+        kwargs["ref_model"] = None  # a copy of the starting model (or the adapters switched off)
+    peft_config = _peft_config(settings.get("lora"))
+    if peft_config is not None:
+        kwargs["peft_config"] = peft_config
+    trainer = trainer_cls(
+        model=_load_model(model_path, settings["use_gpu"]), args=args,
+        train_dataset=Dataset.from_list(method_dataset(rows, method)),
+        eval_dataset=Dataset.from_list(method_dataset(eval_rows, method)) if eval_rows else None,
+        processing_class=tok, **kwargs,
     )
-    ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    return SFTTrainer(model=_load_model(model_path, settings["use_gpu"]), args=args, train_dataset=ds,
-                      processing_class=tok)
+    trainer.add_callback(_throughput_callback(TokenCounter(trainer.model)))
+    return trainer
 
 
-def build_pref_trainer(pairs: list[dict], model_path: str, settings: dict[str, Any], output_dir: str,
-                       chat_template: str | None = None):
-    """TRL DPOTrainer on ``{"prompt": messages, "chosen": str, "rejected": str}``; the reference model is the start."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+# --------------------------------------------------------------------------------------------- callbacks
 
-    tok = _tokenizer(model_path, chat_template)
-    args = DPOConfig(
-        **_common_args(settings, output_dir),
-        beta=settings["beta"],
-        loss_type=[settings["loss_type"]],
-        max_length=settings["max_length"],
-    )
-    ds = Dataset.from_list([
-        {"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-         "rejected": [{"role": "assistant", "content": p["rejected"]}]}
-        for p in pairs
-    ])
-    return DPOTrainer(model=_load_model(model_path, settings["use_gpu"]), ref_model=None, args=args,
-                      train_dataset=ds, processing_class=tok)
+
+class TokenCounter:
+    """Counts the real (unpadded) tokens the model forwards in training mode: a forward pre-hook on the model,
+    so it counts what is computed when it is computed (chosen and rejected, KTO's KL batch; not evaluation)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        if not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            self.tokens += int(mask.sum())
+        else:  # padding-free batches (packing) have no padding to leave out
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None:
+                self.tokens += int(ids.numel())
+
+
+def _all_ranks_sum(x: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _throughput_callback(counter: TokenCounter):
+    """Adds ``tokens_per_second`` (all workers, since the last log; evaluation excluded) and ``tokens`` (this
+    session's total) to each training log entry."""
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        last_time: float | None = None
+        last_tokens = 0.0
+
+        def _mark(self):
+            self.last_time, self.last_tokens = time.perf_counter(), _all_ranks_sum(counter.tokens)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self._mark()  # the evaluation's time and tokens are not training throughput
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs or self.last_time is None:
+                return
+            now = time.perf_counter()
+            tokens = _all_ranks_sum(counter.tokens)
+            logs["tokens_per_second"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+            logs["tokens"] = tokens
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(tokens_per_second=logs["tokens_per_second"], tokens=tokens)
+            self.last_time, self.last_tokens = now, tokens
+
+    return Throughput()
 
 
 def _last_logged(log_history: list[dict], step: int) -> dict[str, float]:
-    """The training metrics logged at or before ``step`` (loss, rewards/..., learning_rate)."""
+    """The training metrics logged at or before ``step`` (loss, rewards/..., learning_rate), and the eval
+    loss logged at ``step``."""
     out: dict[str, float] = {}
     for entry in log_history:
         if entry.get("step", 0) <= step and "loss" in entry:
             out = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
+    for entry in log_history:
+        if entry.get("step") == step and "eval_loss" in entry:
+            out["eval_loss"] = entry["eval_loss"]
     return out
 
 
-def _save_and_report_callback(save_steps: list[int]):
-    """Save at exactly ``save_steps`` and report each checkpoint to Ray Train (kept, never rotated)."""
+def run_facts(trainer) -> dict[str, Any]:
+    """What really ran, read from accelerate and torch.distributed (not from what was asked for)."""
+    import torch.distributed as dist
+
+    acc = trainer.accelerator
+    kind = str(acc.distributed_type).split(".")[-1]
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if kind == "FSDP":
+        version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
+        strategy = f"fsdp{version}"
+    elif kind in ("MULTI_GPU", "MULTI_CPU"):
+        strategy = "ddp" if world > 1 else "single-process"  # Ray Train sets up a process group even for one
+    elif kind == "NO":
+        strategy = "single-process"
+    else:
+        strategy = kind.lower()
+    param = next(trainer.model.parameters())
+    return {"strategy": strategy, "world_size": world, "device": param.device.type,
+            "dtype": "bf16" if trainer.args.bf16 else str(param.dtype).replace("torch.", ""),
+            "backend": dist.get_backend() if world > 1 else None,
+            "lora": bool(getattr(trainer.model, "peft_config", None))}
+
+
+def _save_and_report_callback(save_steps: list[int], has_eval: bool, trainer_ref: list):
+    """Save (and evaluate) at exactly ``save_steps``; report each checkpoint to Ray Train (kept, never rotated)."""
     from transformers import TrainerCallback
 
     class SaveAtSteps(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in save_steps:
                 control.should_save = True
+                control.should_evaluate = has_eval
             return control
 
         def on_save(self, args, state, control, **kwargs):
             import ray.train
 
             step = state.global_step
-            metrics = {**_last_logged(state.log_history, step), "step": step, "epoch": state.epoch or 0.0}
+            metrics = {**_last_logged(state.log_history, step), "step": step, "epoch": state.epoch or 0.0,
+                       **{k: v for k, v in run_facts(trainer_ref[0]).items() if v is not None}}
             ckpt_dir = Path(args.output_dir) / f"checkpoint-{step}"
             if ray.train.get_context().get_world_rank() == 0 and ckpt_dir.is_dir():
+                logs = Path(args.output_dir) / TB_DIR
+                if logs.is_dir():  # TensorBoard events so far travel with the checkpoint
+                    shutil.copytree(logs, ckpt_dir / "tensorboard", dirs_exist_ok=True)
                 (ckpt_dir / "alignment_metrics.json").write_text(json.dumps(metrics))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
             else:
                 ray.train.report(metrics, checkpoint=None)
 
     return SaveAtSteps()
+
+
+# ------------------------------------------------------------------------------------------------ Ray
 
 
 def train_loop(job: dict[str, Any]) -> None:
@@ -156,30 +377,42 @@ def train_loop(job: dict[str, Any]) -> None:
 
     torch.set_num_threads(job["torch_threads"])
     model_path = models.materialize(job["model"])
-    output_dir = tempfile.mkdtemp(prefix=f"alignment-{job['kind']}-")
-    build = build_sft_trainer if job["kind"] == "sft" else build_pref_trainer
-    trainer = build(job["rows"], model_path, job["settings"], output_dir, job.get("chat_template"))
-    trainer.add_callback(_save_and_report_callback(job["save_steps"]))
+    output_dir = tempfile.mkdtemp(prefix=f"alignment-{job['method']}-")
+    trainer = build_trainer(job["method"], job["rows"], model_path, job["settings"], output_dir,
+                            job.get("chat_template"), job.get("eval_rows"))
+    ref: list = [trainer]
+    trainer.add_callback(_save_and_report_callback(job["save_steps"], bool(job.get("eval_rows")), ref))
     trainer = prepare_trainer(trainer)
+    ref[0] = trainer
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
             log.info("resuming from %s", d)
+            if (Path(d) / "tensorboard").is_dir():  # the event history up to the checkpoint continues
+                shutil.copytree(Path(d) / "tensorboard", Path(output_dir) / TB_DIR, dirs_exist_ok=True)
             trainer.train(resume_from_checkpoint=d)
     else:
         trainer.train()
 
 
-def fit(kind: str, rows: list[dict], model: str, settings: dict[str, Any], save_steps: list[int],
+def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], save_steps: list[int],
         storage_path: str, resources: dict[str, Any], chat_template: str | None = None,
-        max_failures: int = 0) -> list[dict[str, Any]]:
-    """Run ``kind`` ('sft' or 'pref') on Ray Train; return every checkpoint as ``{step, path, metrics}``."""
+        eval_rows: list[dict] | None = None, max_failures: int = 0, name: str | None = None) -> dict[str, Any]:
+    """Run ``method`` ('sft' or a preference method) on Ray Train.
+
+    Returns ``{checkpoints: [{step, path, metrics}], history: [every log entry], facts: {strategy, ...},
+    tensorboard: <dir in the latest checkpoint>}``.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cpus = resources["cpus_per_worker"]
+    strategy = resources.get("strategy", "auto")
+    if strategy == "auto":
+        strategy = "fsdp" if resources["use_gpu"] and resources["num_workers"] > 1 else "ddp"
     job = {
-        "kind": kind, "rows": rows, "model": model, "settings": {**settings, "use_gpu": resources["use_gpu"]},
+        "method": method, "rows": rows, "eval_rows": eval_rows or None, "model": model,
+        "settings": {**settings, "use_gpu": resources["use_gpu"], "strategy": strategy},
         "save_steps": save_steps, "chat_template": chat_template, "torch_threads": max(1, math.ceil(cpus)),
     }
     trainer = TorchTrainer(
@@ -188,7 +421,7 @@ def fit(kind: str, rows: list[dict], model: str, settings: dict[str, Any], save_
         scaling_config=ScalingConfig(num_workers=resources["num_workers"], use_gpu=resources["use_gpu"],
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            name=kind,
+            name=name or method,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=max_failures),
@@ -203,25 +436,24 @@ def fit(kind: str, rows: list[dict], model: str, settings: dict[str, Any], save_
     checkpoints.sort(key=lambda c: c["step"])
     missing = sorted(set(save_steps) - {c["step"] for c in checkpoints})
     if missing:
-        raise RuntimeError(f"{kind}: checkpoints for steps {missing} were not reported")
-    return checkpoints
+        raise RuntimeError(f"{method}: checkpoints for steps {missing} were not reported")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "trainer_state.json").read_text())
+    history = state["log_history"]
+    last = checkpoints[-1]["metrics"]
+    facts = {k: last[k] for k in ("strategy", "world_size", "device", "dtype", "backend", "lora") if k in last}
+    return {"checkpoints": checkpoints, "history": history, "facts": facts,
+            "tensorboard": checkpoints[-1]["path"].rstrip("/") + "/tensorboard"}
 
 
-def sft_settings(sft: dict[str, Any], seed: int) -> dict[str, Any]:
+def train_settings(section: dict[str, Any], seed: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trainer settings of an sft or pref config section (everything but data and schedule choices)."""
     keys = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
-            "lr_scheduler_type", "warmup_ratio", "logging_steps", "max_length", "assistant_only_loss",
-            "save_only_model")
-    return {**{k: sft[k] for k in keys}, "seed": seed}
-
-
-def pref_settings(pref: dict[str, Any], seed: int) -> dict[str, Any]:
-    keys = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
-            "lr_scheduler_type", "warmup_ratio", "logging_steps", "max_length", "beta", "loss_type")
-    return {**{k: pref[k] for k in keys}, "seed": seed, "save_only_model": True}
-
-
-def environment_facts(resources: dict[str, Any]) -> dict[str, Any]:
-    """What really ran: HF Trainer over torch.distributed is DDP with more than one worker, else one process."""
-    n = resources["num_workers"]
-    return {"strategy": "ddp" if n > 1 else "single-process", "world_size": n,
-            "device": "cuda" if resources["use_gpu"] else "cpu", "backend": "nccl" if resources["use_gpu"] else "gloo"}
+            "lr_scheduler_type", "warmup_ratio", "logging_steps", "max_length", "save_only_model",
+            "gradient_checkpointing", "lora")
+    out = {**{k: section[k] for k in keys}, "seed": seed}
+    if method == "sft":
+        out.update(assistant_only_loss=section["assistant_only_loss"], packing=section["packing"])
+    else:
+        out["params"] = dict(params or {})
+    return out

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", ["quickstart.yaml", "cluster_example.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name)
-    ks, steps = cfg.search_grid()
-    assert ks and steps
+    points = cfg.search_grid()
+    assert points and all(set(p) == {"k", "sft_step", "method", "num_pairs"} for p in points)
 
 
 def test_unknown_key_names_the_key_and_file(tmp_path):

@@ -29,7 +29,7 @@ def tiny_experiment(tmp_path: Path, tiny_model: Path) -> dict:
         "sft": {"max_steps": 4, "save_at": [2, 4], "learning_rate": 1e-3, "per_device_batch_size": 2,
                 "max_length": 128, "save_only_model": True},
         "pref": {"start_from": "sft", "sft_step": 2, "max_steps": 2, "learning_rate": 1e-3,
-                 "per_device_batch_size": 2, "max_length": 128, "max_pairs": 8},
+                 "per_device_batch_size": 2, "max_length": 128, "num_pairs": 8},
         "generate": {"max_new_tokens": 8, "batch_size": 4, "cpus_per_actor": 1.0},
         "judge": {"model": str(tiny_model), "rule": "sum", "max_new_tokens": 6},
         "search": {"k": [8], "sft_step": [2, 4]},
@@ -70,7 +70,7 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     pc = pref["counts"]
     assert pc["pairs_read"] == pc["pairs_kept"] + pc["pairs_set_aside"] == 33 and pc["pairs_used"] == 8
     gens = manifests(run, "generate")
-    assert {g["label"] for g in gens} == {"baseline", f"k8-step2-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"}
+    assert {g["label"] for g in gens} == {"baseline", f"k8-step2-dpo-n8-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"}
     answers = [json.loads(line) for line in open(gens[0]["outputs"]["answers"])]
     assert len(answers) == 4 and all("answer" in a for a in answers)
     (jm,) = manifests(run, "judge")

@@ -1,0 +1,118 @@
+"""Training: every method on a tiny model (TRL trainers without Ray), the data splits, the method-parameter
+checks, and on local Ray the worker-count invariance and the resume of a run whose worker is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from alignment import train
+from alignment.config import ConfigError, load_config
+
+SETTINGS = {"max_steps": 10, "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+            "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "logging_steps": 1, "max_length": 128,
+            "save_only_model": True, "gradient_checkpointing": None, "lora": None, "seed": 0, "use_gpu": False}
+SFT = {**SETTINGS, "max_steps": 12, "assistant_only_loss": True, "packing": False}
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_sft_masks_everything_but_assistant_tokens_and_learns(tiny_model, sft_rows, tmp_path):
+    trainer = train.build_trainer("sft", sft_rows, str(tiny_model), SFT, str(tmp_path))
+    batch = next(iter(trainer.get_train_dataloader()))
+    tok = trainer.processing_class
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained = tok.decode([i for i, lab in zip(ids.tolist(), labels.tolist()) if lab != -100])
+        assert "user" not in trained and "<|im_start|>" not in trained
+        assert trained.endswith("<|im_end|>") or "<|im_end|>" in trained
+    trainer.train()
+    loss = losses(trainer)
+    assert len(loss) == 12 and loss[-1] < loss[0] * 0.8
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    # tokens/s per logging step, from the real (unpadded) tokens fed to the model
+    assert all(h.get("tokens_per_second", 0) > 0 for h in logged), [(h["step"], h.get("tokens_per_second")) for h in logged]
+    assert logged[-1]["tokens"] > 12 * 4 * 5  # 12 steps of 4 rows of at least 5 tokens each
+    assert list((tmp_path / train.TB_DIR).rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+PARAMS = {
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
+    "dpo-hinge": {"beta": 0.1, "loss_type": "hinge", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
+    "dpo-precomputed": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_log_probs": True},
+    "ipo": {"beta": 0.1, "precompute_ref_log_probs": False},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_log_probs": False},
+    "cpo": {"beta": 0.1, "cpo_alpha": 1.0, "label_smoothing": 0.0},
+    "simpo": {"beta": 2.0, "gamma": 1.0},
+    "orpo": {"lambda": 0.1},
+}
+
+
+@pytest.mark.parametrize("variant", list(PARAMS))
+def test_each_preference_method_learns(tiny_model, pref_pairs, tmp_path, variant):
+    method = variant.split("-")[0]
+    settings = {**SETTINGS, "params": PARAMS[variant]}
+    trainer = train.build_trainer(method, pref_pairs, str(tiny_model), settings, str(tmp_path))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 10 and logs[-1]["loss"] < logs[0]["loss"]
+    assert all(h["tokens_per_second"] > 0 and "learning_rate" in h for h in logs)
+    if method != "kto":  # paired methods log the chosen/rejected reward margin and accuracy
+        assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]
+        if method != "cpo":  # CPO's reward is the summed log-prob: the longer chosen answers start far behind
+            assert logs[-1]["rewards/accuracies"] >= 0.75, [(h["rewards/accuracies"], h["rewards/margins"]) for h in logs]
+    else:
+        assert "rewards/chosen" in logs[-1] and "kl" in logs[-1]
+
+
+def test_kto_from_unpaired_rows_and_paired_methods_refuse_them(tiny_model, pref_pairs, tmp_path):
+    unpaired = [{"id": f"u{i}", "prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"],
+                 "label": bool(i % 2)} for i, p in enumerate(pref_pairs)]
+    assert train.method_dataset(pref_pairs[:3], "kto")[1]["label"] is False  # a pair: desirable + undesirable
+    assert len(train.method_dataset(pref_pairs[:3], "kto")) == 6
+    trainer = train.build_trainer("kto", unpaired, str(tiny_model), {**SETTINGS, "params": PARAMS["kto"]},
+                                  str(tmp_path))
+    trainer.train()
+    assert losses(trainer)[-1] < losses(trainer)[0]
+    with pytest.raises(train.TrainError, match="dpo trains on pairs.*only kto"):
+        train.method_dataset(unpaired, "dpo")
+
+
+def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
+    rows = [{"id": f"r{i}"} for i in range(50)]
+    small, held = train.split_rows(rows, seed=3, eval_rows=5, num_rows=10)
+    large, held2 = train.split_rows(list(reversed(rows)), seed=3, eval_rows=5, num_rows=30)
+    ids = lambda rs: {r["id"] for r in rs}  # noqa: E731
+    assert ids(held) == ids(held2) and len(held) == 5
+    assert ids(small) < ids(large) and not ids(large) & ids(held)
+    assert ids(train.split_rows(rows, seed=4, eval_rows=5, num_rows=10)[0]) != ids(small)
+    with pytest.raises(train.TrainError, match="num_pairs=60 but only 45 rows"):
+        train.split_rows(rows, seed=3, eval_rows=5, num_rows=60)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("pref.gamma=0.5", "pref.gamma does not apply to method dpo; it is a parameter of simpo"),
+    ("pref.loss_type=hinge pref.method=kto", "pref.loss_type does not apply to method kto; it is a parameter of dpo"),
+    ("pref.lambda=0.2 pref.method=simpo", "pref.lambda does not apply to method simpo; it is a parameter of orpo"),
+    ("pref.desirable_weight=2 search.method=[dpo,cpo]", "does not apply to method dpo / cpo; it is a parameter of kto"),
+    ("resources.strategy=fsdp", "fsdp needs GPU workers"),
+    ("pref.start_from=instruct", "needs model.instruct"),
+])
+def test_a_parameter_for_another_method_is_a_config_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override.split())
+
+
+def test_method_params_take_the_methods_defaults():
+    cfg = load_config(None, ["pref.method=simpo", "pref.beta=2.5"])
+    assert cfg.pref.method_params() == {"beta": 2.5, "gamma": 1.0}
+    assert load_config(None, ["pref.method=orpo", "pref.lambda=0.3"]).pref.method_params() == {"lambda": 0.3}
+    grid = load_config(None, ["search.method=[dpo,kto]", "search.num_pairs=[4,8]", "pref.beta=0.2"]).search_grid()
+    assert [(p["method"], p["num_pairs"]) for p in grid] == [("dpo", 4), ("dpo", 8), ("kto", 4), ("kto", 8)]
