@@ -109,6 +109,35 @@ def test_pref_on_the_model_itself_skips_sft(ray_local, tmp_path, tiny_model):
     assert m["metrics"]["final"]["step"] == 2
 
 
+def test_instruct_scenario_starts_from_the_instruct_weights_with_eval_loss_at_each_checkpoint(
+        ray_local, tmp_path, tiny_model):
+    from conftest import make_tiny_model
+    from safetensors.torch import load_file
+
+    instruct = make_tiny_model(tmp_path / "instruct", seed=1)
+    exp = tiny_experiment(tmp_path, tiny_model)
+    exp["model"]["instruct"] = str(instruct)
+    exp["pref"].update(start_from="instruct", sft_step="last", method="kto", max_steps=4, save_at=[2],
+                       learning_rate=1e-9, eval_rows=4, num_pairs=8)
+    exp["search"] = {}
+    exp["data"]["preferences"] = [str(EXAMPLES / "preferences.jsonl")]
+    cfg = load_config(write_config(tmp_path, exp))
+    m = pipeline.pref_stage(cfg)
+    assert m["label"] == "instruct-kto-n8" and m["outputs"]["start"] == {"from": "instruct", "model": str(instruct)}
+    assert m["counts"]["pairs_used"] == 8 and m["counts"]["pairs_eval"] == 4
+    ckpts = m["outputs"]["checkpoints"]
+    assert [c["step"] for c in ckpts] == [2, 4]
+    assert all(c["train_loss"] is not None and c["eval_loss"] is not None for c in ckpts)
+    history = [json.loads(line) for line in open(m["outputs"]["metrics_log"])]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+    assert m["metrics"]["strategy"] == "single-process" and m["metrics"]["params"]["beta"] == 0.1
+    # A learning rate of 1e-9 leaves the weights where they started: the instruct model's, not the base's.
+    trained = load_file(Path(m["outputs"]["model"]) / "model.safetensors")
+    start, other = load_file(instruct / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert (trained[name] - start[name]).abs().max() < 1e-5 < (trained[name] - other[name]).abs().max()
+
+
 def test_cli_stage_and_errors(ray_local, tmp_path, tiny_model, capsys):
     from alignment.cli import main
 

@@ -116,3 +116,65 @@ def test_method_params_take_the_methods_defaults():
     assert load_config(None, ["pref.method=orpo", "pref.lambda=0.3"]).pref.method_params() == {"lambda": 0.3}
     grid = load_config(None, ["search.method=[dpo,kto]", "search.num_pairs=[4,8]", "pref.beta=0.2"]).search_grid()
     assert [(p["method"], p["num_pairs"]) for p in grid] == [("dpo", 4), ("dpo", 8), ("kto", 4), ("kto", 8)]
+
+
+# ------------------------------------------------------------------------------------------ on local Ray
+
+RES = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1.0, "strategy": "auto"}
+
+
+def sft_settings(**over) -> dict:
+    s = {k: v for k, v in SFT.items() if k != "use_gpu"}
+    return {**s, "learning_rate": 2e-3, **over}
+
+
+@pytest.mark.integration
+def test_two_workers_reach_the_loss_of_one(ray_local, tiny_model, sft_rows, tmp_path):
+    """DDP over 2 CPU workers with 2 rows each per step sees the same global batches as 1 worker with 4."""
+    one = train.fit("sft", sft_rows, str(tiny_model), sft_settings(per_device_batch_size=4, max_steps=8), [8],
+                    str(tmp_path / "one"), RES)
+    two = train.fit("sft", sft_rows, str(tiny_model), sft_settings(per_device_batch_size=2, max_steps=8), [8],
+                    str(tmp_path / "two"), {**RES, "num_workers": 2})
+    assert one["facts"]["strategy"] == "single-process" and one["facts"]["world_size"] == 1
+    assert two["facts"] == {**two["facts"], "strategy": "ddp", "world_size": 2, "device": "cpu", "backend": "gloo"}
+    l1 = [h["loss"] for h in one["history"] if "loss" in h]
+    l2 = [h["loss"] for h in two["history"] if "loss" in h]
+    assert len(l1) == len(l2) == 8 and l1[-1] < l1[0]
+    # Per-token means are taken per worker and then averaged, so the losses differ slightly: 2% at most.
+    assert all(abs(a - b) <= 0.02 * a for a, b in zip(l1, l2)), (l1, l2)
+    assert all(h["tokens_per_second"] > 0 for h in two["history"] if "loss" in h)
+
+
+def _kill_the_worker_once(storage: Path, killed: dict) -> None:
+    """When the first checkpoint reaches storage, SIGKILL the Ray Train worker process (as a node loss would)."""
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not killed:
+        if list(storage.rglob("checkpoint_*")):
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed["checkpoints"] = len(list(storage.rglob("checkpoint_*")))
+                    killed["pid"] = proc.pid
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.integration
+def test_a_killed_worker_resumes_from_its_latest_checkpoint(ray_local, tiny_model, sft_rows, tmp_path):
+    storage = tmp_path / "ray"
+    killed: dict = {}
+    watcher = threading.Thread(target=_kill_the_worker_once, args=(storage, killed), daemon=True)
+    watcher.start()
+    steps = [10, 20, 30, 40, 50, 60]
+    run = train.fit("sft", sft_rows, str(tiny_model), sft_settings(max_steps=60, save_only_model=False), steps,
+                    str(storage), RES, max_failures=1)
+    watcher.join()
+    assert killed.get("pid") and killed["checkpoints"] < len(steps), killed  # killed mid-run
+    assert [c["step"] for c in run["checkpoints"]] == steps
+    assert all(Path(c["path"], "model.safetensors").is_file() for c in run["checkpoints"])
+    logged = [h["step"] for h in run["history"] if "loss" in h]
+    assert logged == list(range(1, 61)), "a step was repeated or lost"
+    # the resumed run continued the killed run's TensorBoard history
+    assert list(Path(run["tensorboard"]).rglob("events.out.tfevents.*"))
