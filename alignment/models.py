@@ -113,19 +113,47 @@ def resolve(name: str) -> str:
 
 
 def materialize(path: str) -> str:
-    """A local directory for a model: cloud URIs (checkpoints on cluster storage) are downloaded once."""
-    if "://" not in path:
-        return path
+    """A local directory of full model weights: cloud URIs (checkpoints on cluster storage) are downloaded
+    once, and LoRA checkpoints (an adapter only) are merged into their base model once (see :func:`merge_adapter`)."""
+    local = path
+    if "://" in path:
+        import hashlib
+
+        import pyarrow.fs as pafs
+
+        local_dir = cache_dir() / "remote" / hashlib.sha256(path.encode()).hexdigest()[:16]
+        with FileLock(str(local_dir) + ".lock"):
+            if not ((local_dir / "config.json").is_file() or (local_dir / "adapter_config.json").is_file()):
+                fs, p = pafs.FileSystem.from_uri(path)
+                pafs.copy_files(p, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        local = str(local_dir)
+    if (Path(local) / "adapter_config.json").is_file() and not (Path(local) / "config.json").is_file():
+        return merge_adapter(local)
+    return local
+
+
+def merge_adapter(adapter_dir: str) -> str:
+    """The base model with a LoRA checkpoint's adapters merged in, saved once (cached by the adapter's content)
+    as a normal checkpoint that transformers and vLLM load."""
     import hashlib
 
-    import pyarrow.fs as pafs
+    weights = next(Path(adapter_dir).glob("adapter_model.*"), None)
+    if weights is None:
+        raise ModelError(f"{adapter_dir} has adapter_config.json but no adapter_model weights")
+    h = hashlib.sha256()
+    for f in (Path(adapter_dir) / "adapter_config.json", weights):
+        h.update(f.read_bytes())
+    target = cache_dir() / "merged" / h.hexdigest()[:16]
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+            from transformers import AutoTokenizer
 
-    local = cache_dir() / "remote" / hashlib.sha256(path.encode()).hexdigest()[:16]
-    with FileLock(str(local) + ".lock"):
-        if not (local / "config.json").is_file():
-            fs, p = pafs.FileSystem.from_uri(path)
-            pafs.copy_files(p, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return str(local)
+            log.info("merging the LoRA adapter %s into its base model -> %s", adapter_dir, target)
+            model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).merge_and_unload()
+            model.save_pretrained(target)
+            AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(target)
+    return str(target)
 
 
 @lru_cache(maxsize=8)

@@ -88,19 +88,18 @@ def method_dataset(rows: list[dict], method: str) -> list[dict]:
 
 
 def _device_args(s: dict[str, Any]) -> dict[str, Any]:
-    # TRL defaults to bf16; on CPUs without bf16 units that is 10x slower. Gradient checkpointing: GPU default.
+    # TRL defaults to bf16; on CPUs without bf16 units that is 10x slower. Activation checkpointing: GPU default.
     ckpt = s.get("gradient_checkpointing")
     ckpt = s["use_gpu"] if ckpt is None else ckpt
     if s["use_gpu"]:
-        args: dict[str, Any] = {"bf16": True, "gradient_checkpointing": ckpt}
         if s.get("strategy") == "fsdp":
-            # FSDP2 through accelerate: every decoder layer and the root sharded, full state dict on save.
-            args["fsdp"] = "full_shard auto_wrap"
-            args["fsdp_config"] = {"version": 2, "state_dict_type": "FULL_STATE_DICT",
-                                   "activation_checkpointing": ckpt}
-            args["gradient_checkpointing"] = False  # FSDP's own activation checkpointing instead
-        return args
-    return {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": ckpt}
+            # FSDP2 through accelerate: every decoder layer and the root sharded, full state dict on save,
+            # FSDP's own activation checkpointing (the Trainer's would add an all-gather in the backward).
+            return {"bf16": True, "activation_checkpointing": False, "fsdp": "full_shard auto_wrap",
+                    "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT",
+                                    "activation_checkpointing": ckpt}}
+        return {"bf16": True, "activation_checkpointing": ckpt}
+    return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": ckpt}
 
 
 def _common_args(s: dict[str, Any], output_dir: str, has_eval: bool) -> dict[str, Any]:

@@ -43,6 +43,46 @@ def test_sft_masks_everything_but_assistant_tokens_and_learns(tiny_model, sft_ro
     assert list((tmp_path / train.TB_DIR).rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
+def test_packing_and_activation_checkpointing(tiny_model, sft_rows, tmp_path):
+    trainer = train.build_trainer("sft", sft_rows, str(tiny_model), {**SFT, "packing": True, "max_steps": 6,
+                                                                 "gradient_checkpointing": True},
+                                  str(tmp_path))
+    assert trainer.model.is_gradient_checkpointing
+    batch = next(iter(trainer.get_train_dataloader()))
+    # several rows per sequence: position ids restart inside a packed row
+    assert int((batch["position_ids"][0] == 0).sum()) > 1
+    trainer.train()
+    assert losses(trainer)[-1] < losses(trainer)[0]
+    assert all(h["tokens_per_second"] > 0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_lora_trains_adapters_only_and_its_checkpoint_loads_merged(tiny_model, sft_rows, tmp_path, monkeypatch):
+    import torch
+
+    from alignment import models
+
+    monkeypatch.setenv("ALIGNMENT_CACHE", str(tmp_path / "cache"))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    trainer = train.build_trainer("sft", sft_rows, str(tiny_model), {**SFT, "lora": lora}, str(tmp_path / "out"))
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer.train()
+    assert losses(trainer)[-1] < losses(trainer)[0]
+    trainer.save_model(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "adapter_config.json").is_file() and not (tmp_path / "ckpt" / "config.json").exists()
+    merged = models.materialize(str(tmp_path / "ckpt"))
+    assert merged.startswith(str(tmp_path / "cache")) and models.materialize(str(tmp_path / "ckpt")) == merged
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model))(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(base, want, atol=1e-3)
+
+
 PARAMS = {
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
     "dpo-hinge": {"beta": 0.1, "loss_type": "hinge", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
