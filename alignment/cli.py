@@ -13,12 +13,13 @@ import sys
 from typing import Any
 
 STAGES = {
-    "select": "score the instruction data and keep the top k rows (select.k)",
-    "sft": "supervised fine-tuning on the selected rows, keeping a checkpoint every sft.save_steps",
-    "pref": "preference tuning (pref.method) from the SFT checkpoint pref.sft_step, or from the model itself",
+    "select": "score the instruction data and keep k rows (select.k, select.selector)",
+    "sft": "supervised fine-tuning on the selected rows, keeping every checkpoint of sft.save_steps / sft.save_at",
+    "pref": "preference tuning (pref.method: dpo, ipo, kto, cpo, simpo, orpo) from pref.start_from: the SFT "
+            "checkpoint pref.sft_step, model.base or model.instruct",
     "generate": "answers of the trained model and of the baseline to the eval prompts",
     "judge": "pairwise judgement of the trained model against the baseline, in both orders",
-    "search": "Ray Tune grid over search.k x search.sft_step, each trial a full pipeline run",
+    "search": "Ray Tune grid over search.k x sft_step x method x num_pairs, each trial a full pipeline run",
     "report": "Markdown/HTML report with a plot, from the search results",
     "run": "the whole experiment: search (every stage per trial), then the report",
 }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from alignment import train
-from alignment.config import ConfigError, load_config
+from alignment.config import METHOD_PARAMS, ConfigError, load_config
 
 SETTINGS = {"max_steps": 10, "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
             "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "logging_steps": 1, "max_length": 128,
@@ -83,16 +83,10 @@ def test_lora_trains_adapters_only_and_its_checkpoint_loads_merged(tiny_model, s
     assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(base, want, atol=1e-3)
 
 
-PARAMS = {
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
-    "dpo-hinge": {"beta": 0.1, "loss_type": "hinge", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
-    "dpo-precomputed": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_log_probs": True},
-    "ipo": {"beta": 0.1, "precompute_ref_log_probs": False},
-    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_log_probs": False},
-    "cpo": {"beta": 0.1, "cpo_alpha": 1.0, "label_smoothing": 0.0},
-    "simpo": {"beta": 2.0, "gamma": 1.0},
-    "orpo": {"lambda": 0.1},
-}
+# Each method with its defaults, and two DPO variants.
+PARAMS = {**METHOD_PARAMS,
+          "dpo-hinge": {**METHOD_PARAMS["dpo"], "loss_type": "hinge"},
+          "dpo-precomputed": {**METHOD_PARAMS["dpo"], "precompute_ref_log_probs": True}}
 
 
 @pytest.mark.parametrize("variant", list(PARAMS))
