@@ -436,9 +436,9 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     missing = sorted(set(save_steps) - {c["step"] for c in checkpoints})
     if missing:
         raise RuntimeError(f"{method}: checkpoints for steps {missing} were not reported")
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "trainer_state.json").read_text())
-    history = state["log_history"]
+    latest = result.checkpoint  # its trainer_state.json only (not the weights, which may be on cloud storage)
+    with latest.filesystem.open_input_file(latest.path.rstrip("/") + "/trainer_state.json") as f:
+        history = json.loads(f.read())["log_history"]
     last = checkpoints[-1]["metrics"]
     facts = {k: last[k] for k in ("strategy", "world_size", "device", "dtype", "backend", "lora") if k in last}
     return {"checkpoints": checkpoints, "history": history, "facts": facts,
