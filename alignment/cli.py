@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignment",
         description="Data-efficient alignment on Ray: select -> SFT -> preference tuning -> generate -> judge, "
-        "searched over k, the SFT step, the method and the training-set size. Outputs and manifests go to run_dir; finished stages are skipped.",
+        "searched over k, the SFT step, the method and the training-set size. Outputs and manifests go to run_dir; "
+        "finished stages are skipped.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -256,7 +256,8 @@ DPO_LOSS_TYPES = (
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 
-PREF_METHODS = ("dpo", "ipo", "kto", "cpo", "simpo", "orpo")
+PrefMethod = Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"]
+PREF_METHODS: tuple[str, ...] = get_args(PrefMethod)
 
 # The parameters each method takes, with their defaults there. A parameter set in the config for a method
 # that does not take it is a config error.
@@ -271,7 +272,7 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
 
 
 class PrefConfig(TrainConfig):
-    method: Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"] = Field(
+    method: PrefMethod = Field(
         "dpo", description="dpo (any loss_type), ipo (DPO with the IPO loss), kto (TRL's KTOTrainer; paired data is "
         "split into desirable and undesirable rows), cpo, simpo (TRL's CPOTrainer) or orpo (TRL's ORPOTrainer).",
     )
@@ -305,7 +306,7 @@ class PrefConfig(TrainConfig):
     per_device_batch_size: int = Field(2, ge=1)
     max_length: int = Field(512, ge=16)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Strict's; `lambda` is a Python keyword
 
     @field_validator("loss_type")
     @classmethod
@@ -317,8 +318,8 @@ class PrefConfig(TrainConfig):
     def given_params(self) -> dict[str, Any]:
         """The method parameters set in the config (by their config names)."""
         names = {p for params in METHOD_PARAMS.values() for p in params}
-        return {n: getattr(self, "lambda_" if n == "lambda" else n) for n in names
-                if getattr(self, "lambda_" if n == "lambda" else n) is not None}
+        values = {n: getattr(self, "lambda_" if n == "lambda" else n) for n in names}
+        return {n: v for n, v in values.items() if v is not None}
 
     def check_params(self, methods: list[str]) -> None:
         """Every parameter set must belong to one of ``methods``."""
@@ -363,7 +364,7 @@ class JudgeConfig(_Strict):
 class SearchConfig(_Strict):
     k: list[int] | None = Field(None, description="Selection sizes to try; default: [select.k].")
     sft_step: list[int | Literal["last"]] | None = Field(None, description="SFT steps DPO starts from; default: [pref.sft_step].")
-    method: list[Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"]] | None = Field(
+    method: list[PrefMethod] | None = Field(
         None, description="Preference methods to try; default: [pref.method].",
     )
     num_pairs: list[int] | None = Field(
@@ -543,4 +544,4 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def config_dict(cfg: BaseModel) -> dict[str, Any]:
     """Plain JSON-able dict of a config section (for manifests and fingerprints)."""
-    return cfg.model_dump(mode="json")
+    return cfg.model_dump(mode="json", by_alias=True)

@@ -156,8 +156,8 @@ def merge_adapter(adapter_dir: str) -> str:
     return str(target)
 
 
-@lru_cache(maxsize=8)
-def load_tokenizer(path: str, chat_template: str | None = None):
+def tokenizer(path: str, chat_template: str | None = None):
+    """A fresh tokenizer with the configured chat template (a .jinja file) and a pad token."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(materialize(path))
@@ -166,6 +166,9 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+load_tokenizer = lru_cache(maxsize=8)(tokenizer)  # shared, read-only uses (trainers get their own)
 
 
 def training_chat_template(tokenizer) -> str | None:

@@ -99,8 +99,8 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
 
 
 def _training_outputs(d: Path, run: dict[str, Any]) -> dict[str, Any]:
-    """A training stage's manifest parts: every checkpoint (step, path, train and eval loss), the per-step
-    metrics (also in ``metrics.jsonl``; TensorBoard events in the latest checkpoint) and what really ran."""
+    """A training stage's outputs: every checkpoint (step, path, train and eval loss), the per-step metrics
+    (written to ``metrics.jsonl``) and the TensorBoard events (in the latest checkpoint)."""
     _write_jsonl(d / "metrics.jsonl", run["history"])
     ckpts = [{"step": c["step"], "path": c["path"], "train_loss": c["metrics"].get("loss"),
               "eval_loss": c["metrics"].get("eval_loss")} for c in run["checkpoints"]]
@@ -122,10 +122,7 @@ def sft_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
 
     def work(d: Path) -> dict[str, Any]:
         rows = [{"id": r["id"], "messages": r["messages"]} for r in pq.read_table(selected).to_pylist()]
-        if cfg.sft.eval_rows:
-            rows, held = train.split_rows(rows, cfg.seed, cfg.sft.eval_rows, None)
-        else:
-            held = []
+        rows, held = train.split_rows(rows, cfg.seed, cfg.sft.eval_rows, None)
         run = train.fit("sft", rows, base, settings, save_steps, _storage(cfg, d), res, cfg.model.chat_template,
                         eval_rows=held)
         return {

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs"), ("win", "win"), ("tie", "tie"), ("loss", "loss"),
-           ("invalid", "invalid"), ("win_rate", "win rate"), ("score", "score"),
+COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs"), ("win", "win"),
+           ("tie", "tie"), ("loss", "loss"), ("invalid", "invalid"), ("win_rate", "win rate"), ("score", "score"),
            ("order_disagreement_rate", "orders disagree")]
 
 

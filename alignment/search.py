@@ -22,8 +22,8 @@ from .config import ExperimentConfig
 log = logging.getLogger("alignment")
 
 # What a trial's result keeps from the point's metrics (plus every ``*_rate``).
-_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", "rule", "prompts", "valid", "win", "tie", "loss", "invalid",
-         "judgements", "unparsed_judgements", "score", "model", "judge_dir")
+_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", "rule", "prompts", "valid", "win", "tie",
+         "loss", "invalid", "judgements", "unparsed_judgements", "score", "model", "judge_dir")
 
 
 def _trial(config: dict[str, Any], cfg_json: dict[str, Any], trial_fn: Callable) -> None:

@@ -102,7 +102,7 @@ def _device_args(s: dict[str, Any]) -> dict[str, Any]:
     return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": ckpt}
 
 
-def _common_args(s: dict[str, Any], output_dir: str, has_eval: bool) -> dict[str, Any]:
+def _common_args(s: dict[str, Any], output_dir: str) -> dict[str, Any]:
     return {
         "output_dir": output_dir,
         "max_steps": s["max_steps"],
@@ -134,16 +134,12 @@ def _load_model(path: str, use_gpu: bool):
 
 
 def _tokenizer(model_path: str, chat_template: str | None):
-    """A fresh tokenizer (trainers modify it), with the configured chat template and a pad token."""
-    from transformers import AutoTokenizer
+    """A fresh tokenizer (trainers modify it) that has a chat template."""
+    from . import models
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if chat_template:
-        tok.chat_template = Path(chat_template).read_text()
+    tok = models.tokenizer(model_path, chat_template)
     if tok.chat_template is None:
         raise TrainError(f"{model_path} has no chat template; set model.chat_template to a .jinja file")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     return tok
 
 
@@ -211,7 +207,7 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
             if training_template:
                 tok.chat_template = training_template  # renders the same; saved checkpoints carry it
         extra = {"assistant_only_loss": settings["assistant_only_loss"], "packing": settings.get("packing", False)}
-    args = config_cls(**_common_args(settings, output_dir, bool(eval_rows)), **extra,
+    args = config_cls(**_common_args(settings, output_dir), **extra,
                       **method_args(settings.get("params", {})))
     kwargs: dict[str, Any] = {}
     if method in ("dpo", "ipo", "kto"):
@@ -233,15 +229,18 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
 
 
 class TokenCounter:
-    """Counts the real (unpadded) tokens the model forwards in training mode: a forward pre-hook on the model,
-    so it counts what is computed when it is computed (chosen and rejected, KTO's KL batch; not evaluation)."""
+    """Counts the real (unpadded) tokens the model trains on: a forward pre-hook on the model, counting forwards
+    with gradients in training mode, when they happen (chosen and rejected; not evaluation, nor the no-grad
+    forwards of a reference pass, KTO's KL batch or LoRA's adapters-off reference)."""
 
     def __init__(self, model):
         self.tokens = 0
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
-        if not module.training:
+        import torch
+
+        if not (module.training and torch.is_grad_enabled()):
             return
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
@@ -331,7 +330,7 @@ def run_facts(trainer) -> dict[str, Any]:
             "lora": bool(getattr(trainer.model, "peft_config", None))}
 
 
-def _save_and_report_callback(save_steps: list[int], has_eval: bool, trainer_ref: list):
+def _save_and_report_callback(save_steps: list[int], has_eval: bool, trainer):
     """Save (and evaluate) at exactly ``save_steps``; report each checkpoint to Ray Train (kept, never rotated)."""
     from transformers import TrainerCallback
 
@@ -347,7 +346,7 @@ def _save_and_report_callback(save_steps: list[int], has_eval: bool, trainer_ref
 
             step = state.global_step
             metrics = {**_last_logged(state.log_history, step), "step": step, "epoch": state.epoch or 0.0,
-                       **{k: v for k, v in run_facts(trainer_ref[0]).items() if v is not None}}
+                       **{k: v for k, v in run_facts(trainer).items() if v is not None}}
             ckpt_dir = Path(args.output_dir) / f"checkpoint-{step}"
             if ray.train.get_context().get_world_rank() == 0 and ckpt_dir.is_dir():
                 logs = Path(args.output_dir) / TB_DIR
@@ -370,7 +369,6 @@ def train_loop(job: dict[str, Any]) -> None:
 
     import ray.train
     import torch
-    from ray.train.huggingface.transformers import prepare_trainer
 
     from . import models
 
@@ -379,10 +377,8 @@ def train_loop(job: dict[str, Any]) -> None:
     output_dir = tempfile.mkdtemp(prefix=f"alignment-{job['method']}-")
     trainer = build_trainer(job["method"], job["rows"], model_path, job["settings"], output_dir,
                             job.get("chat_template"), job.get("eval_rows"))
-    ref: list = [trainer]
-    trainer.add_callback(_save_and_report_callback(job["save_steps"], bool(job.get("eval_rows")), ref))
-    trainer = prepare_trainer(trainer)
-    ref[0] = trainer
+    # (Ray's prepare_trainer only matters for Ray Data iterables; these are in-memory datasets.)
+    trainer.add_callback(_save_and_report_callback(job["save_steps"], bool(job.get("eval_rows")), trainer))
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
@@ -396,7 +392,7 @@ def train_loop(job: dict[str, Any]) -> None:
 
 def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], save_steps: list[int],
         storage_path: str, resources: dict[str, Any], chat_template: str | None = None,
-        eval_rows: list[dict] | None = None, max_failures: int = 0, name: str | None = None) -> dict[str, Any]:
+        eval_rows: list[dict] | None = None, max_failures: int = 0) -> dict[str, Any]:
     """Run ``method`` ('sft' or a preference method) on Ray Train.
 
     Returns ``{checkpoints: [{step, path, metrics}], history: [every log entry], facts: {strategy, ...},
@@ -420,7 +416,7 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
         scaling_config=ScalingConfig(num_workers=resources["num_workers"], use_gpu=resources["use_gpu"],
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            name=name or method,
+            name=method,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=max_failures),
