@@ -191,6 +191,20 @@ def training_chat_template(tokenizer) -> str | None:
         ) from None
 
 
+def varying_length_attention() -> None:
+    """Keep PyTorch's scaled-dot-product attention off its cuDNN backend in this process (CUDA only).
+
+    On an H100 (torch 2.11) SDPA picked cuDNN attention, which builds an execution plan for each new batch
+    shape: about 2.5 ms of CPU per attention call, against 50 us of GPU work, with the varying row lengths of
+    training, scoring and generation batches (benchmarks/gpu_train.py --profile). The flash and memory-efficient
+    kernels take the same inputs without that cost.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_for_generation(path: str, use_gpu: bool):
     """A causal LM in eval mode and its left-padding tokenizer (bf16 on GPU, float32 on CPU)."""
     import torch
@@ -201,6 +215,8 @@ def load_for_generation(path: str, use_gpu: bool):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if use_gpu else torch.float32
+    if use_gpu:
+        varying_length_attention()
     model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to("cuda" if use_gpu else "cpu").eval()
     return model, tok
 

@@ -207,6 +207,8 @@ class CausalLMScorer:
         self.tok = AutoTokenizer.from_pretrained(path)
         torch_dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "float32": torch.float32,
                        "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        if device != "cpu":
+            models.varying_length_attention()
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
         self.ids = score_token_ids(self.tok)
         head = self.model.get_output_embeddings()

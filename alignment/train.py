@@ -129,7 +129,11 @@ def _load_model(path: str, use_gpu: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from . import models
+
     dtype = torch.bfloat16 if use_gpu else torch.float32
+    if use_gpu:
+        models.varying_length_attention()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 

@@ -119,6 +119,24 @@ def test_kto_from_unpaired_rows_and_paired_methods_refuse_them(tiny_model, pref_
         train.method_dataset(unpaired, "dpo")
 
 
+def test_gpu_workers_keep_attention_off_cudnn(tiny_model, monkeypatch):
+    # cuDNN attention rebuilds its plan for every batch shape (benchmarks/gpu_train.py --profile); a GPU worker
+    # switches it off when it loads the model. No GPU here: CUDA is made to look available.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        train._load_model(str(tiny_model), use_gpu=False)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        model = train._load_model(str(tiny_model), use_gpu=True)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert next(model.parameters()).dtype == torch.bfloat16
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
     rows = [{"id": f"r{i}"} for i in range(50)]
     small, held = train.split_rows(rows, seed=3, eval_rows=5, num_rows=10)
