@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the scorer's weights (both ways use the same model)")
     args = ap.parse_args()
 
     import torch
@@ -54,9 +56,9 @@ def main() -> int:
     plans = [scoring.deita_prompts(m) for m in rows]
     prompts = [p for c, q in plans for p in c + q]
     print(f"{len(rows)} rows, {len(prompts)} prompts (complexity + quality per turn), model {args.model}, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}")
+          f"device {args.device} ({args.dtype}), torch threads {torch.get_num_threads()}")
 
-    scorer = scoring.CausalLMScorer(path, args.max_length, args.batch_size, args.device, "float32")
+    scorer = scoring.CausalLMScorer(path, args.max_length, args.batch_size, args.device, args.dtype)
     scorer.score(prompts[:4])  # warm-up
     t = time.perf_counter()
     scored = scoring.deita_scores(rows, scorer, scorer)  # what the select stage's actors run
