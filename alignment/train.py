@@ -125,13 +125,20 @@ def _common_args(s: dict[str, Any], output_dir: str) -> dict[str, Any]:
     }
 
 
-def _load_model(path: str, use_gpu: bool):
+def _load_model(path: str, use_gpu: bool, lora: bool = False):
+    """The starting weights: float32, which the Trainer's ``bf16`` autocasts to bf16 compute on GPU.
+
+    Trained weights stay float32 (master weights) on every strategy: AdamW's step at preference-tuning rates
+    (5e-7) is far below bf16's spacing at a typical weight (8e-5 at 0.02) and would round away in bf16
+    weights. With LoRA only the adapters train (peft keeps them float32), so the frozen base loads in bf16
+    on GPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     from . import models
 
-    dtype = torch.bfloat16 if use_gpu else torch.float32
+    dtype = torch.bfloat16 if use_gpu and lora else torch.float32
     if use_gpu:
         models.varying_length_attention()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -220,7 +227,7 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
     trainer = trainer_cls(
-        model=_load_model(model_path, settings["use_gpu"]), args=args,
+        model=_load_model(model_path, settings["use_gpu"], lora=peft_config is not None), args=args,
         train_dataset=Dataset.from_list(method_dataset(rows, method)),
         eval_dataset=Dataset.from_list(method_dataset(eval_rows, method)) if eval_rows else None,
         processing_class=tok, **kwargs,
@@ -328,8 +335,10 @@ def run_facts(trainer) -> dict[str, Any]:
     else:
         strategy = kind.lower()
     param = next(trainer.model.parameters())
+    trained = next((p for p in trainer.model.parameters() if p.requires_grad), param)
     return {"strategy": strategy, "world_size": world, "device": param.device.type,
             "dtype": "bf16" if trainer.args.bf16 else str(param.dtype).replace("torch.", ""),
+            "weights": str(trained.dtype).replace("torch.", ""),
             "backend": dist.get_backend() if world > 1 else None,
             "lora": bool(getattr(trainer.model, "peft_config", None))}
 
@@ -440,7 +449,7 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     with latest.filesystem.open_input_file(latest.path.rstrip("/") + "/trainer_state.json") as f:
         history = json.loads(f.read())["log_history"]
     last = checkpoints[-1]["metrics"]
-    facts = {k: last[k] for k in ("strategy", "world_size", "device", "dtype", "backend", "lora") if k in last}
+    facts = {k: last[k] for k in ("strategy", "world_size", "device", "dtype", "weights", "backend", "lora") if k in last}
     return {"checkpoints": checkpoints, "history": history, "facts": facts,
             "tensorboard": checkpoints[-1]["path"].rstrip("/") + "/tensorboard"}
 

@@ -119,9 +119,10 @@ def test_kto_from_unpaired_rows_and_paired_methods_refuse_them(tiny_model, pref_
         train.method_dataset(unpaired, "dpo")
 
 
-def test_gpu_workers_keep_attention_off_cudnn(tiny_model, monkeypatch):
+def test_gpu_workers_keep_float32_weights_and_attention_off_cudnn(tiny_model, monkeypatch):
     # cuDNN attention rebuilds its plan for every batch shape (benchmarks/gpu_train.py --profile); a GPU worker
-    # switches it off when it loads the model. No GPU here: CUDA is made to look available.
+    # switches it off when it loads the model. Trained weights stay float32 (bf16 is the Trainer's autocast);
+    # a LoRA base is frozen and loads in bf16. No GPU here: CUDA is made to look available.
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -132,7 +133,8 @@ def test_gpu_workers_keep_attention_off_cudnn(tiny_model, monkeypatch):
         assert torch.backends.cuda.cudnn_sdp_enabled()
         model = train._load_model(str(tiny_model), use_gpu=True)
         assert not torch.backends.cuda.cudnn_sdp_enabled()
-        assert next(model.parameters()).dtype == torch.bfloat16
+        assert next(model.parameters()).dtype == torch.float32
+        assert next(train._load_model(str(tiny_model), use_gpu=True, lora=True).parameters()).dtype == torch.bfloat16
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
