@@ -60,6 +60,9 @@ def length_scores(messages: Sequence[list[dict]], unit: str, tokenizer: Any = No
     return [int(x) for x in assistant_lengths(pa.array(list(messages), MESSAGES_TYPE), unit, tokenizer)]
 
 
+TOKENIZE_CHUNK = 1024  # texts per call of the Rust tokenizer
+
+
 @contextlib.contextmanager
 def _tokenizer_threads():
     """The Rust tokenizer's own threads for one call, even where TOKENIZERS_PARALLELISM=false (our Ray
@@ -76,10 +79,12 @@ def _tokenizer_threads():
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def assistant_lengths(messages: pa.Array | pa.ChunkedArray, unit: str, tokenizer: Any = None) -> np.ndarray:
+def assistant_lengths(messages: pa.Array | pa.ChunkedArray, unit: str, tokenizer: Any = None,
+                      threads: bool = True) -> np.ndarray:
     """Length of all assistant turns per row of a messages column (0 for a null row), computed in Arrow:
-    chars are code points (Python's ``len``), words are ``str.split()``'s,
-    tokens come from one batched call of the tokenizer over every assistant turn."""
+    chars are code points (Python's ``len``), words are ``str.split()``'s, tokens come from batched calls of
+    the tokenizer over every assistant turn, on the Rust tokenizer's own threads unless ``threads`` is False
+    (for callers that already run one process per core)."""
     if isinstance(messages, pa.ChunkedArray):
         messages = messages.combine_chunks() if messages.num_chunks else pa.array([], MESSAGES_TYPE)
     n = len(messages)
@@ -98,10 +103,12 @@ def assistant_lengths(messages: pa.Array | pa.ChunkedArray, unit: str, tokenizer
         texts = content.to_pylist()
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and hasattr(backend, "encode_batch_fast") and texts:
-            # The Rust tokenizer directly (no offsets, no Python-side wrapping): the same ids, faster.
-            with _tokenizer_threads():
-                enc = backend.encode_batch_fast(texts, add_special_tokens=False)
-            per = np.array([len(e) for e in enc], np.int64)
+            # The Rust tokenizer directly (no offsets, no Python-side wrapping): the same ids, faster. In chunks:
+            # one call over a whole 31k-row shard ran at 5.6k rows/s on one core, 1,024 texts a call at 8.3k.
+            with _tokenizer_threads() if threads else contextlib.nullcontext():
+                per = np.array([len(e) for s in range(0, len(texts), TOKENIZE_CHUNK)
+                                for e in backend.encode_batch_fast(texts[s:s + TOKENIZE_CHUNK],
+                                                                   add_special_tokens=False)], np.int64)
         else:
             ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"] if texts else []
             per = np.array([len(x) for x in ids], dtype=np.int64)

@@ -73,6 +73,20 @@ def test_select_on_local_ray_with_real_data(ray_local, tmp_path, tiny_model):
     assert {(a["row"], a["field"]) for a in aside} == {(0, "output"), (1, "(json)")}
 
 
+def test_scorers_run_inside_the_read_tasks_one_shard_each(ray_local, tmp_path):
+    # Benchmark (a)'s speed rests on this: each read task scores its own shard (no object-store hop), and
+    # shards are not bundled into one task (which a scorer batch size had done: no parallelism at all).
+    paths = [str(write_jsonl(tmp_path / f"part-{j}.jsonl", [{"instruction": f"q{j}-{i}", "output": "a " * i}
+                                                             for i in range(1, 40)])) for j in range(3)]
+    spec = select.spec(length_unit="words", scorers=["length", "random"])
+    ds = select.add_scorers(select._rows(formats.plan_shards(paths), "auto", spec), spec, 1024).materialize()
+    stats = ds.stats()
+    fused = "MapBatches(read_batch)->MapBatches(score_length_batch)->MapBatches(score_random_batch)"
+    assert f"{fused}: 3 tasks executed" in stats, stats
+    assert ds.count() == 3 * 39
+    assert sorted(ds.to_pandas()["score_length"]) == sorted(float(i) for i in range(1, 40) for _ in range(3))
+
+
 def test_k_larger_than_the_pool_is_a_clear_error(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "small.jsonl", [{"instruction": "q", "output": "a"}] * 3)
     with pytest.raises(select.SelectError, match=r"select.k=5 is larger than the pool: 3 valid, scored rows"):
