@@ -92,6 +92,11 @@ class DeitaConfig(ActorPoolConfig):
         "with logprobs (GPU, the vllm extra).",
     )
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass (transformers) or per vLLM batch.")
+    batch_tokens: int | None = Field(
+        None, ge=0, description="transformers backend: padded tokens per forward pass at most (a longer prompt "
+        "goes alone). Default: 2048 on CPU (long prompts in big batches ran slower than one by one), no limit on "
+        "GPU; 0: no limit.",
+    )
     max_length: int = Field(2048, ge=8, description="A longer prompt is not scored (null score, with the reason).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="transformers backend: auto is bfloat16 on GPU, float32 on CPU."

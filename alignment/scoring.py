@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -195,6 +195,9 @@ def evol_score(complexity: Sequence[float | None], quality: Sequence[float | Non
     return float(sum(c * q for c, q in zip(complexity, quality)))
 
 
+CPU_BATCH_TOKENS = 2048
+
+
 class CausalLMScorer:
     """A causal LM that scores prompts by the expected value over its "1".."6" tokens, batched.
 
@@ -204,7 +207,10 @@ class CausalLMScorer:
     """
 
     def __init__(self, model_path: str, max_length: int = 2048, batch_size: int = 8, device: str = "cpu",
-                 dtype: str = "auto", min_shared_prefix: int = 8):
+                 dtype: str = "auto", min_shared_prefix: int = 8, batch_tokens: int | None = None):
+        """``batch_tokens``: padded tokens per forward pass at most (beyond a shared prefix); None: 2,048 on
+        CPU, where a batch of long prompts ran slower than the same prompts one by one (benchmark (c)), and
+        no limit on GPU; 0: no limit."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -224,6 +230,7 @@ class CausalLMScorer:
         self.body = self.model.base_model
         self.max_length = max_length
         self.batch_size = batch_size
+        self.batch_tokens = (CPU_BATCH_TOKENS if device == "cpu" else 0) if batch_tokens is None else batch_tokens
         self.min_shared_prefix = min_shared_prefix
         # transformers 5.2x renamed the forward's past_key_values to cache
         self.cache_arg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
@@ -272,8 +279,7 @@ class CausalLMScorer:
                 prefix_cache = out["cache"] if "cache" in out else out["past_key_values"]
         else:
             shared = 0
-        for start in range(0, len(group), self.batch_size):
-            chunk = group[start:start + self.batch_size]
+        for chunk in self._chunks(group, encoded, shared):
             width = len(encoded[chunk[0]]) - shared
             input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), shared + width), dtype=torch.long)
@@ -301,6 +307,18 @@ class CausalLMScorer:
                     reasons[i] = "non-finite logits"
                 else:
                     logits[i] = out[r]
+
+    def _chunks(self, group: list[int], encoded: list[list[int]], shared: int) -> Iterator[list[int]]:
+        """Batches of a group sorted longest first: at most ``batch_size`` prompts and, when set, at most
+        ``batch_tokens`` padded tokens (beyond the shared prefix); a prompt alone may be longer."""
+        start = 0
+        while start < len(group):
+            width = len(encoded[group[start]]) - shared
+            n = self.batch_size
+            if self.batch_tokens:
+                n = max(1, min(n, self.batch_tokens // max(width, 1)))
+            yield group[start:start + n]
+            start += n
 
     def score(self, prompts: Sequence[str]) -> tuple[list[float | None], list[str | None]]:
         logits, reasons = self.score_logits(prompts)

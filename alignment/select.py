@@ -168,14 +168,16 @@ class DeitaScorer:
     """Ray Data actor: Deita's complexity and quality scorers (transformers), one forward pass per batch."""
 
     def __init__(self, complexity_model: str, quality_model: str, max_length: int, batch_size: int, threads: int,
-                 use_gpu: bool, dtype: str = "auto"):
+                 use_gpu: bool, dtype: str = "auto", batch_tokens: int | None = None):
         import torch
 
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu else "cpu"
-        self.complexity = scoring.CausalLMScorer(complexity_model, max_length, batch_size, device, dtype)
+        self.complexity = scoring.CausalLMScorer(complexity_model, max_length, batch_size, device, dtype,
+                                                 batch_tokens=batch_tokens)
         self.quality = (self.complexity if quality_model == complexity_model else
-                        scoring.CausalLMScorer(quality_model, max_length, batch_size, device, dtype))
+                        scoring.CausalLMScorer(quality_model, max_length, batch_size, device, dtype,
+                                               batch_tokens=batch_tokens))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         ok = _valid(table)
@@ -255,7 +257,7 @@ def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int) -> Any:
                     fn_constructor_kwargs={"complexity_model": d["complexity_model"], "quality_model": d["quality_model"],
                                            "max_length": d["max_length"], "batch_size": d["batch_size"],
                                            "threads": actor_threads(d), "use_gpu": d["gpus_per_actor"] > 0,
-                                           "dtype": d["dtype"]},
+                                           "dtype": d["dtype"], "batch_tokens": d["batch_tokens"]},
                     batch_size=max(256, d["batch_size"]), batch_format="pyarrow", **actor_pool(d))
         elif name == "rating":
             r = spec["rating"]

@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--reference-every", type=int, default=1, help="per-row way on every N-th row only")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="padded tokens per batch at most (default: the scorer's, 2048 on CPU, none on GPU; 0: none)")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
@@ -58,7 +60,8 @@ def main() -> int:
     print(f"{len(rows)} rows, {len(prompts)} prompts (complexity + quality per turn), model {args.model}, "
           f"device {args.device} ({args.dtype}), torch threads {torch.get_num_threads()}")
 
-    scorer = scoring.CausalLMScorer(path, args.max_length, args.batch_size, args.device, args.dtype)
+    scorer = scoring.CausalLMScorer(path, args.max_length, args.batch_size, args.device, args.dtype,
+                                    batch_tokens=args.batch_tokens)
     scorer.score(prompts[:4])  # warm-up
     t = time.perf_counter()
     scored = scoring.deita_scores(rows, scorer, scorer)  # what the select stage's actors run

@@ -100,6 +100,17 @@ def test_batched_scorer_matches_the_reference_generate(tiny_model):
     s, r = short.score([prompts[0], prompts[3]])
     assert s[0] is None and r[0].startswith("prompt of ") and "> max_length 20" in r[0]
 
+    # A token budget per batch: long prompts go in smaller batches (alone when over it), same scores.
+    assert scorer.batch_tokens == scoring.CPU_BATCH_TOKENS  # the CPU default
+    budget = scoring.CausalLMScorer(str(tiny_model), max_length=200, batch_size=3, batch_tokens=250)
+    encoded = [budget.encode(p) for p in prompts]
+    group = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    chunks = list(budget._chunks(group, encoded, 0))
+    assert sorted(i for c in chunks for i in c) == list(range(len(prompts)))
+    assert all(len(c) == 1 or len(c) * len(encoded[c[0]]) <= 250 for c in chunks)
+    assert any(len(c) == 1 for c in chunks) and max(len(c) for c in chunks) > 1
+    np.testing.assert_allclose(budget.score(prompts)[0], fast, atol=1e-5)
+
 
 def test_random_scores_are_seeded_per_id():
     ids = [f"row-{i}" for i in range(500)]
