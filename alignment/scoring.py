@@ -79,6 +79,21 @@ def _tokenizer_threads():
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
+def token_counts(texts: list[str], tokenizer: Any, threads: bool = True) -> list[int]:
+    """Tokens per text, no special tokens added. A fast tokenizer's Rust ``encode_batch_fast`` directly (no
+    offsets, no Python-side wrapping: the same ids, twice as fast as ``tokenizer(texts)``), in chunks: one
+    call over a whole 31k-row shard ran at 5.6k rows/s on one core, 1,024 texts a call at 8.3k. Its own
+    threads unless ``threads`` is False (for callers that already run one process per core)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not texts:
+        return []
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return [len(x) for x in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+    with _tokenizer_threads() if threads else contextlib.nullcontext():
+        return [len(e) for s in range(0, len(texts), TOKENIZE_CHUNK)
+                for e in backend.encode_batch_fast(texts[s:s + TOKENIZE_CHUNK], add_special_tokens=False)]
+
+
 def assistant_lengths(messages: pa.Array | pa.ChunkedArray, unit: str, tokenizer: Any = None,
                       threads: bool = True) -> np.ndarray:
     """Length of all assistant turns per row of a messages column (0 for a null row), computed in Arrow:
@@ -100,18 +115,7 @@ def assistant_lengths(messages: pa.Array | pa.ChunkedArray, unit: str, tokenizer
     elif unit == "tokens":
         if tokenizer is None:
             raise ScorerError("length in tokens needs a tokenizer")
-        texts = content.to_pylist()
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and hasattr(backend, "encode_batch_fast") and texts:
-            # The Rust tokenizer directly (no offsets, no Python-side wrapping): the same ids, faster. In chunks:
-            # one call over a whole 31k-row shard ran at 5.6k rows/s on one core, 1,024 texts a call at 8.3k.
-            with _tokenizer_threads() if threads else contextlib.nullcontext():
-                per = np.array([len(e) for s in range(0, len(texts), TOKENIZE_CHUNK)
-                                for e in backend.encode_batch_fast(texts[s:s + TOKENIZE_CHUNK],
-                                                                   add_special_tokens=False)], np.int64)
-        else:
-            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"] if texts else []
-            per = np.array([len(x) for x in ids], dtype=np.int64)
+        per = np.array(token_counts(content.to_pylist(), tokenizer, threads), np.int64)
     else:
         raise ScorerError(f"unknown length unit {unit!r}")
     return np.bincount(parents, weights=per, minlength=n).astype(np.int64)

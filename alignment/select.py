@@ -97,7 +97,8 @@ def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str, ch
     tok = models.load_tokenizer(tokenizer_path, chat_template)
     msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
     texts = [tok.apply_chat_template(m, tokenize=False) for m in msgs]
-    counts = _scatter([len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else [], ok)
+    # One task per CPU runs this (``in_read_tasks``): the tokenizer single-threaded.
+    counts = _scatter(scoring.token_counts(texts, tok, threads=False), ok)
     field, error = table["field"].to_pylist(), table["error"].to_pylist()
     for i, n in enumerate(counts):
         if n is not None and n > max_tokens:
