@@ -238,14 +238,16 @@ def _rated(table: pa.Table, ok: list[bool], answers: list[str], errors: list[str
     )
 
 
-def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int) -> Any:
-    """Chain the configured scorers onto a Ray Data dataset of normalised rows."""
+def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int, tasks: int) -> Any:
+    """Chain the configured scorers onto a Ray Data dataset of normalised rows (``_rows``, read by ``tasks``
+    tasks at a time: ``read_tasks``)."""
     columns = list(ROWS_SCHEMA.names)
     for name in spec["scorers"]:
         if name == "length":
-            ds = in_read_tasks(ds, score_length_batch, unit=spec["length_unit"], tokenizer_path=spec.get("tokenizer"))
+            ds = in_read_tasks(ds, score_length_batch, tasks, unit=spec["length_unit"],
+                               tokenizer_path=spec.get("tokenizer"))
         elif name == "random":
-            ds = in_read_tasks(ds, score_random_batch, seed=spec["seed"])
+            ds = in_read_tasks(ds, score_random_batch, tasks, seed=spec["seed"])
         elif name == "deita":
             d = spec["deita"]
             if d["backend"] == "vllm":
@@ -465,11 +467,11 @@ def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Tab
     return ranked.append_column("score", total.cast(pa.float64())), unscored
 
 
-def _read_tasks() -> int:
-    """Read tasks at a time: one per CPU of the cluster."""
+def read_tasks(shards: list[formats.Shard]) -> int:
+    """Read tasks at a time: one per CPU of the cluster, at most one per shard."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(len(shards), int(ray.cluster_resources().get("CPU", 1))))
 
 
 def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], skip: dict[str, set[int]] | None = None) -> Any:
@@ -479,20 +481,21 @@ def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], skip: dict[s
     ds = ray.data.from_items([sh.to_dict() for sh in shards], override_num_blocks=len(shards)).map_batches(
         read_batch, fn_kwargs={"fmt": fmt, "skip": skip}, batch_size=1, batch_format="numpy",
         # Ray Data's own estimate runs one shard task at a time here (its output budget); a shard is
-        # seconds of CPU work, so let every CPU of the cluster read one.
-        concurrency=_read_tasks())
+        # seconds of CPU work, so let every CPU of the cluster read one (no more tasks than shards: Ray
+        # warns of a concurrency it cannot use).
+        concurrency=read_tasks(shards))
     if s.get("max_tokens"):
-        ds = in_read_tasks(ds, check_length_batch, max_tokens=s["max_tokens"], tokenizer_path=s["tokenizer"],
-                           chat_template=s.get("chat_template"))
+        ds = in_read_tasks(ds, check_length_batch, read_tasks(shards), max_tokens=s["max_tokens"],
+                           tokenizer_path=s["tokenizer"], chat_template=s.get("chat_template"))
     return ds
 
 
-def in_read_tasks(ds: Any, fn: Any, **kwargs: Any) -> Any:
+def in_read_tasks(ds: Any, fn: Any, tasks: int, **kwargs: Any) -> Any:
     """``ds.map_batches(fn)`` on each block as the read tasks make it, so that Ray Data fuses ``fn`` into them:
     the rows' texts never cross the object store between reading and scoring, and each task reads and
     scores its shard on its own CPU. (A batch size here would make the fused task bundle that many shard
     descriptions: every shard in one task; benchmark (a).)"""
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", concurrency=_read_tasks())
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", concurrency=tasks)
 
 
 def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str, Any],
@@ -507,8 +510,8 @@ def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str,
     near = d["mode"] == "near"
     bands, rows = dedup.lsh_params(d["threshold"], d["num_perm"]) if near else (0, 0)
     t0 = time.perf_counter()
-    ds = in_read_tasks(_rows(shards, fmt, s), signature_batch, near=near, num_perm=d["num_perm"], ngram=d["ngram"],
-                       bands=bands, rows=rows, seed=s["seed"])
+    ds = in_read_tasks(_rows(shards, fmt, s), signature_batch, read_tasks(shards), near=near, num_perm=d["num_perm"],
+                       ngram=d["ngram"], bands=bands, rows=rows, seed=s["seed"])
     file_index = {p: i for i, p in enumerate(paths)}
     parts: list[pa.Table] = []
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
@@ -553,10 +556,10 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     shards = formats.plan_shards(paths)
     skip, dup_records, dedup_counts = (_dedup(shards, paths, fmt, s, batch_size) if s["dedup"]["mode"] != "none"
                                        else ({}, [], None))
-    ds = add_scorers(_rows(shards, fmt, s, skip), s, batch_size)
+    ds = add_scorers(_rows(shards, fmt, s, skip), s, batch_size, read_tasks(shards))
     if s["selector"] == "top_k":
         # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
-        ds = ds.drop_columns(["messages"], concurrency=_read_tasks())  # fused into the read tasks too
+        ds = ds.drop_columns(["messages"], concurrency=read_tasks(shards))  # fused into the read tasks too
     ranking, selector = s["ranking"], s["selector"]
     top = TopK(k)
     n_read = n_valid = n_invalid = n_unscored = 0
