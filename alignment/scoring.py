@@ -66,8 +66,9 @@ TOKENIZE_CHUNK = 1024  # texts per call of the Rust tokenizer
 @contextlib.contextmanager
 def _tokenizer_threads():
     """The Rust tokenizer's own threads for one call, even where TOKENIZERS_PARALLELISM=false (our Ray
-    workers' default, against fork-after-threads deadlocks in training); restored afterwards. Measured in
-    benchmark (a): 7.4k -> 9.1k rows/s on 2 cores."""
+    workers' default, against fork-after-threads deadlocks in training); restored afterwards. For a caller
+    alone on its machine (the bare run of benchmark (a): about twice one thread's rate on 2 cores); the select
+    stage's read tasks, one per CPU, go without."""
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:

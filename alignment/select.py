@@ -474,8 +474,10 @@ def read_tasks(shards: list[formats.Shard]) -> int:
     return max(1, min(len(shards), int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], skip: dict[str, set[int]] | None = None) -> Any:
-    """Ray Data: the normalised, validated rows of the shards."""
+def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], tasks: int,
+          skip: dict[str, set[int]] | None = None) -> Any:
+    """Ray Data: the normalised, validated rows of the shards, read by ``tasks`` tasks at a time
+    (``read_tasks``; every op fused into the read tasks must be given the same count)."""
     import ray
 
     ds = ray.data.from_items([sh.to_dict() for sh in shards], override_num_blocks=len(shards)).map_batches(
@@ -483,9 +485,9 @@ def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], skip: dict[s
         # Ray Data's own estimate runs one shard task at a time here (its output budget); a shard is
         # seconds of CPU work, so let every CPU of the cluster read one (no more tasks than shards: Ray
         # warns of a concurrency it cannot use).
-        concurrency=read_tasks(shards))
+        concurrency=tasks)
     if s.get("max_tokens"):
-        ds = in_read_tasks(ds, check_length_batch, read_tasks(shards), max_tokens=s["max_tokens"],
+        ds = in_read_tasks(ds, check_length_batch, tasks, max_tokens=s["max_tokens"],
                            tokenizer_path=s["tokenizer"], chat_template=s.get("chat_template"))
     return ds
 
@@ -498,8 +500,8 @@ def in_read_tasks(ds: Any, fn: Any, tasks: int, **kwargs: Any) -> Any:
     return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", concurrency=tasks)
 
 
-def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str, Any],
-           batch_size: int) -> tuple[dict[str, set[int]], list[dict[str, Any]], dict[str, Any]]:
+def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str, Any], batch_size: int,
+           tasks: int) -> tuple[dict[str, set[int]], list[dict[str, Any]], dict[str, Any]]:
     """A first pass over the data: which valid rows are duplicates. Returns (source -> rows to skip, a
     set-aside record per removed row, counts)."""
     import time
@@ -510,7 +512,7 @@ def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str,
     near = d["mode"] == "near"
     bands, rows = dedup.lsh_params(d["threshold"], d["num_perm"]) if near else (0, 0)
     t0 = time.perf_counter()
-    ds = in_read_tasks(_rows(shards, fmt, s), signature_batch, read_tasks(shards), near=near, num_perm=d["num_perm"],
+    ds = in_read_tasks(_rows(shards, fmt, s, tasks), signature_batch, tasks, near=near, num_perm=d["num_perm"],
                        ngram=d["ngram"], bands=bands, rows=rows, seed=s["seed"])
     file_index = {p: i for i, p in enumerate(paths)}
     parts: list[pa.Table] = []
@@ -554,12 +556,13 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
 
     paths = formats.expand_paths(sources)
     shards = formats.plan_shards(paths)
-    skip, dup_records, dedup_counts = (_dedup(shards, paths, fmt, s, batch_size) if s["dedup"]["mode"] != "none"
-                                       else ({}, [], None))
-    ds = add_scorers(_rows(shards, fmt, s, skip), s, batch_size, read_tasks(shards))
+    tasks = read_tasks(shards)
+    skip, dup_records, dedup_counts = (_dedup(shards, paths, fmt, s, batch_size, tasks)
+                                       if s["dedup"]["mode"] != "none" else ({}, [], None))
+    ds = add_scorers(_rows(shards, fmt, s, tasks, skip), s, batch_size, tasks)
     if s["selector"] == "top_k":
         # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
-        ds = ds.drop_columns(["messages"], concurrency=read_tasks(shards))  # fused into the read tasks too
+        ds = ds.drop_columns(["messages"], concurrency=tasks)  # fused into the read tasks too
     ranking, selector = s["ranking"], s["selector"]
     top = TopK(k)
     n_read = n_valid = n_invalid = n_unscored = 0

@@ -80,7 +80,8 @@ def test_scorers_run_inside_the_read_tasks_one_shard_each(ray_local, tmp_path):
                                                              for i in range(1, 40)])) for j in range(3)]
     spec = select.spec(length_unit="words", scorers=["length", "random"])
     shards = formats.plan_shards(paths)
-    ds = select.add_scorers(select._rows(shards, "auto", spec), spec, 1024, select.read_tasks(shards)).materialize()
+    tasks = select.read_tasks(shards)
+    ds = select.add_scorers(select._rows(shards, "auto", spec, tasks), spec, 1024, tasks).materialize()
     stats = ds.stats()
     fused = "MapBatches(read_batch)->MapBatches(score_length_batch)->MapBatches(score_random_batch)"
     assert f"{fused}: 3 tasks executed" in stats, stats
