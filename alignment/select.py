@@ -88,6 +88,9 @@ def _rows_block(rows: list[dict]) -> pa.Table:
                             pa.array(chars, pa.int64(), mask=~np.asarray(_valid(table), bool)))
 
 
+OVER_LONG = "over-long: "
+
+
 def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str, chat_template: str | None) -> pa.Table:
     """Ray Data UDF: rows longer than ``max_tokens`` in the model's chat template (``model.chat_template`` where
     set) become invalid (with the reason)."""
@@ -103,21 +106,40 @@ def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str, ch
     for i, n in enumerate(counts):
         if n is not None and n > max_tokens:
             field[i] = "messages"
-            error[i] = f"over-long: {n} tokens in the chat template > select.max_tokens={max_tokens}"
+            error[i] = f"{OVER_LONG}{n} tokens in the chat template > select.max_tokens={max_tokens}"
+    return (table.set_column(table.schema.get_field_index("field"), "field", pa.array(field, pa.string()))
+            .set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string())))
+
+
+def mark_over_long_batch(table: pa.Table, over_long: dict[str, dict[int, str]]) -> pa.Table:
+    """Ray Data UDF: the rows that an earlier pass over the same files found over-long (source -> row -> the
+    reason ``check_length_batch`` gave) become invalid, without templating and tokenizing every row again."""
+    field, error = table["field"].to_pylist(), table["error"].to_pylist()
+    for i, (src, row) in enumerate(zip(table["source"].to_pylist(), table["row"].to_pylist())):
+        why = over_long.get(src, {}).get(row)
+        if why is not None and error[i] is None:
+            field[i], error[i] = "messages", why
     return (table.set_column(table.schema.get_field_index("field"), "field", pa.array(field, pa.string()))
             .set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string())))
 
 
 def signature_batch(table: pa.Table, near: bool, num_perm: int, ngram: int, bands: int, rows: int,
                     seed: int) -> pa.Table:
-    """Ray Data UDF: the dedup signatures of valid rows (``dedup_exact``; ``dedup_bands`` for near)."""
+    """Ray Data UDF: the dedup signatures of valid rows (``dedup_exact``; ``dedup_bands`` for near), and the
+    rows the length check set aside (``over_long``: the reason; their signatures are zeros and unused), so
+    that the scoring pass need not check lengths again."""
     from . import dedup
 
     hasher = dedup.MinHasher(num_perm, ngram, bands, rows, seed) if near else None
     ok = _valid(table)
-    sigs = [dedup.signatures(m, hasher) for m, good in zip(table["messages"].to_pylist(), ok) if good]
-    keep = table.filter(pa.array(ok, pa.bool_())).select(["id", "source", "row"])
-    out = keep.append_column("dedup_exact", pa.array([s[0] for s in sigs], pa.uint64()))
+    errors = table["error"].to_pylist()
+    over = [e is not None and e.startswith(OVER_LONG) for e in errors]
+    take = [a or b for a, b in zip(ok, over)]
+    sigs = [dedup.signatures(m, hasher) if good else (0, np.zeros(bands, np.uint64))
+            for m, good, t in zip(table["messages"].to_pylist(), ok, take) if t]
+    keep = table.filter(pa.array(take, pa.bool_())).select(["id", "source", "row"])
+    out = (keep.append_column("over_long", pa.array([e for e, t in zip(errors, take) if t], pa.string()))
+           .append_column("dedup_exact", pa.array([s[0] for s in sigs], pa.uint64())))
     if near:
         flat = np.concatenate([s[1] for s in sigs]) if sigs else np.zeros(0, np.uint64)
         out = out.append_column("dedup_bands", pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint64()), bands))
@@ -475,9 +497,10 @@ def read_tasks(shards: list[formats.Shard]) -> int:
 
 
 def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], tasks: int,
-          skip: dict[str, set[int]] | None = None) -> Any:
+          skip: dict[str, set[int]] | None = None, over_long: dict[str, dict[int, str]] | None = None) -> Any:
     """Ray Data: the normalised, validated rows of the shards, read by ``tasks`` tasks at a time
-    (``read_tasks``; every op fused into the read tasks must be given the same count)."""
+    (``read_tasks``; every op fused into the read tasks must be given the same count). ``skip``: rows to leave
+    out; ``over_long``: the over-long rows when an earlier pass (``_dedup``) already checked every row's length."""
     import ray
 
     ds = ray.data.from_items([sh.to_dict() for sh in shards], override_num_blocks=len(shards)).map_batches(
@@ -486,9 +509,11 @@ def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], tasks: int,
         # seconds of CPU work, so let every CPU of the cluster read one (no more tasks than shards: Ray
         # warns of a concurrency it cannot use).
         concurrency=tasks)
-    if s.get("max_tokens"):
+    if s.get("max_tokens") and over_long is None:
         ds = in_read_tasks(ds, check_length_batch, tasks, max_tokens=s["max_tokens"],
                            tokenizer_path=s["tokenizer"], chat_template=s.get("chat_template"))
+    elif over_long:
+        ds = in_read_tasks(ds, mark_over_long_batch, tasks, over_long=over_long)
     return ds
 
 
@@ -501,9 +526,10 @@ def in_read_tasks(ds: Any, fn: Any, tasks: int, **kwargs: Any) -> Any:
 
 
 def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str, Any], batch_size: int,
-           tasks: int) -> tuple[dict[str, set[int]], list[dict[str, Any]], dict[str, Any]]:
-    """A first pass over the data: which valid rows are duplicates. Returns (source -> rows to skip, a
-    set-aside record per removed row, counts)."""
+           tasks: int) -> tuple[dict[str, set[int]], list[dict[str, Any]], dict[str, Any], dict[str, dict[int, str]] | None]:
+    """A first pass over the data: which valid rows are duplicates (over-long rows are not valid: they take no
+    part). Returns (source -> rows to skip, a set-aside record per removed row, counts, and the over-long rows
+    as source -> row -> reason when ``max_tokens`` is set, else None)."""
     import time
 
     from . import dedup
@@ -519,14 +545,20 @@ def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str,
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
         parts.append(batch)
     table = pa.concat_tables(parts) if parts else None
+    over_long: dict[str, dict[int, str]] | None = {} if s.get("max_tokens") else None
+    if table is not None:
+        long_mask = pc.is_valid(table["over_long"])
+        for src, row, why in zip(*(table.filter(long_mask)[c].to_pylist() for c in ("source", "row", "over_long"))):
+            over_long.setdefault(src, {})[row] = why
+        table = table.filter(pc.invert(long_mask))
     counts = {"mode": d["mode"], "exact": 0, "near": 0, "seconds": 0.0}
     if near:
         counts.update({"threshold": d["threshold"], "num_perm": d["num_perm"], "ngram": d["ngram"], "bands": bands,
                        "rows_per_band": rows})
     if table is None or table.num_rows == 0:
-        return {}, [], counts
+        return {}, [], counts, over_long
     order = (np.array([file_index[x] for x in table["source"].to_pylist()], np.int64) << 40) + table["row"].to_numpy()
-    band_arr = (np.asarray(table["dedup_bands"].combine_chunks().values, np.uint64).reshape(-1, bands)
+    band_arr = (np.asarray(table["dedup_bands"].combine_chunks().flatten(), np.uint64).reshape(-1, bands)
                 if near else None)
     dup, of, kind = dedup.find_duplicates(order, table["dedup_exact"].to_numpy(), band_arr)
     skip: dict[str, set[int]] = {}
@@ -541,7 +573,7 @@ def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str,
     counts["exact"] = int((kind == 0).sum())
     counts["near"] = int((kind == 1).sum())
     counts["seconds"] = round(time.perf_counter() - t0, 3)
-    return skip, records, counts
+    return skip, records, counts, over_long
 
 
 def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir: Path, allow_fewer: bool = False,
@@ -557,9 +589,9 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     paths = formats.expand_paths(sources)
     shards = formats.plan_shards(paths)
     tasks = read_tasks(shards)
-    skip, dup_records, dedup_counts = (_dedup(shards, paths, fmt, s, batch_size, tasks)
-                                       if s["dedup"]["mode"] != "none" else ({}, [], None))
-    ds = add_scorers(_rows(shards, fmt, s, tasks, skip), s, batch_size, tasks)
+    skip, dup_records, dedup_counts, over_long = (_dedup(shards, paths, fmt, s, batch_size, tasks)
+                                                  if s["dedup"]["mode"] != "none" else ({}, [], None, None))
+    ds = add_scorers(_rows(shards, fmt, s, tasks, skip, over_long), s, batch_size, tasks)
     if s["selector"] == "top_k":
         # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
         ds = ds.drop_columns(["messages"], concurrency=tasks)  # fused into the read tasks too

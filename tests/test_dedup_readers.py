@@ -80,7 +80,7 @@ def test_find_duplicates_keeps_the_first_row_of_each_group():
     assert sorted(dup.tolist()) == [0, 1]
 
 
-def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny_model):
+def _pool_with_duplicates_and_an_over_long_row(tmp_path):
     rng = random.Random(1)
     words = [f"word{i}" for i in range(3000)]
     texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(20)]
@@ -90,7 +90,11 @@ def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny
     near[30] = "different"
     rows.append({"id": "near-copy", "instruction": "Question 5", "output": " ".join(near)})
     rows.append({"id": "too-long", "instruction": "Question long", "output": " ".join(words[:1000])})
-    src = write_jsonl(tmp_path / "pool.jsonl", rows)
+    return write_jsonl(tmp_path / "pool.jsonl", rows)
+
+
+def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny_model):
+    src = _pool_with_duplicates_and_an_over_long_row(tmp_path)
     s = select.spec(length_unit="words", tokenizer=str(tiny_model), max_tokens=2000,
                     dedup={"mode": "near", "threshold": 0.7, "ngram": 3})
     out = tmp_path / "out"
@@ -111,6 +115,26 @@ def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny
     report = open(res["outputs"]["report"]).read()
     assert "| duplicate | 2 |" in report and "1 exact and 1 near duplicates removed" in report
     assert (out / "select_report.png").stat().st_size > 10_000
+
+
+def test_with_dedup_the_length_check_runs_once(ray_local, tmp_path, tiny_model):
+    # The dedup pass finds the over-long rows (they take no part in dedup); the scoring pass marks them from
+    # its list instead of templating and tokenizing every row again (a bad tokenizer path proves it is unused).
+    src = str(_pool_with_duplicates_and_an_over_long_row(tmp_path))
+    s = select.spec(length_unit="words", tokenizer=str(tiny_model), max_tokens=2000, dedup={"mode": "exact"})
+    shards = formats.plan_shards([src])
+    tasks = select.read_tasks(shards)
+    skip, records, counts, over_long = select._dedup(shards, [src], "auto", s, 1024, tasks)
+    assert [r["id"] for r in records] == ["exact-copy"] and skip == {src: {20}}
+    assert list(over_long) == [src] and list(over_long[src]) == [22]
+    assert over_long[src][22].startswith("over-long: ") and "> select.max_tokens=2000" in over_long[src][22]
+    ds = select._rows(shards, "auto", {**s, "tokenizer": str(tmp_path / "no-such-tokenizer")}, tasks, skip,
+                      over_long).materialize()
+    assert "check_length_batch" not in ds.stats() and "mark_over_long_batch" in ds.stats()
+    rows = {r["id"]: r for r in ds.to_pandas().to_dict("records")}
+    assert len(rows) == 22 and "exact-copy" not in rows
+    assert (rows["too-long"]["field"], rows["too-long"]["error"]) == ("messages", over_long[src][22])
+    assert sum(r["error"] is not None for r in rows.values()) == 1
 
 
 def test_hidden_state_embeddings_last_token_and_mean(tiny_model):
