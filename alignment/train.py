@@ -380,6 +380,7 @@ def train_loop(job: dict[str, Any]) -> None:
     """Ray Train worker entry: build the stage's trainer, resume from the latest checkpoint, train."""
     import tempfile
 
+    import ray
     import ray.train
     import torch
 
@@ -388,10 +389,11 @@ def train_loop(job: dict[str, Any]) -> None:
     torch.set_num_threads(job["torch_threads"])
     model_path = models.materialize(job["model"])
     output_dir = tempfile.mkdtemp(prefix=f"alignment-{job['method']}-")
-    trainer = build_trainer(job["method"], job["rows"], model_path, job["settings"], output_dir,
-                            job.get("chat_template"), job.get("eval_rows"))
+    rows, eval_rows = ray.get(job["rows"]), ray.get(job["eval_rows"]) if job["eval_rows"] is not None else None
+    trainer = build_trainer(job["method"], rows, model_path, job["settings"], output_dir,
+                            job.get("chat_template"), eval_rows)
     # (Ray's prepare_trainer only matters for Ray Data iterables; these are in-memory datasets.)
-    trainer.add_callback(_save_and_report_callback(job["save_steps"], bool(job.get("eval_rows")), trainer))
+    trainer.add_callback(_save_and_report_callback(job["save_steps"], bool(eval_rows), trainer))
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
@@ -418,8 +420,12 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     strategy = resources.get("strategy", "auto")
     if strategy == "auto":
         strategy = "fsdp" if resources["use_gpu"] and resources["num_workers"] > 1 else "ddp"
+    import ray
+
+    # The rows go to the object store once, and each worker (a restarted one too) fetches them by reference:
+    # Ray Train warns against data in train_loop_config, which it serialises into its run context.
     job = {
-        "method": method, "rows": rows, "eval_rows": eval_rows or None, "model": model,
+        "method": method, "rows": ray.put(rows), "eval_rows": ray.put(eval_rows) if eval_rows else None, "model": model,
         "settings": {**settings, "use_gpu": resources["use_gpu"], "strategy": strategy},
         "save_steps": save_steps, "chat_template": chat_template, "torch_threads": max(1, math.ceil(cpus)),
     }
