@@ -366,9 +366,11 @@ def _save_and_report_callback(save_steps: list[int], has_eval: bool, trainer):
                 if logs.is_dir():  # TensorBoard events so far travel with the checkpoint
                     shutil.copytree(logs, ckpt_dir / "tensorboard", dirs_exist_ok=True)
                 (ckpt_dir / "alignment_metrics.json").write_text(json.dumps(metrics))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
-            else:
-                ray.train.report(metrics, checkpoint=None)
+            # Every rank reports what it wrote (rank 0: the model, optimizer and trainer state; each rank: its
+            # rng_state_<rank>.pth), and Ray Train merges them into one directory, so that a restarted
+            # worker group restores every rank's random state, not rank 0's alone.
+            ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+            ray.train.report(metrics, checkpoint=ckpt)
 
     return SaveAtSteps()
 

@@ -251,7 +251,8 @@ def test_two_workers_reach_the_loss_of_one(ray_local, tiny_model, sft_rows, tmp_
     """DDP over 2 CPU workers with 2 rows each per step sees the same global batches as 1 worker with 4."""
     one = train.fit("sft", sft_rows, str(tiny_model), sft_settings(per_device_batch_size=4, max_steps=8), [8],
                     str(tmp_path / "one"), RES)
-    two = train.fit("sft", sft_rows, str(tiny_model), sft_settings(per_device_batch_size=2, max_steps=8), [8],
+    two = train.fit("sft", sft_rows, str(tiny_model), sft_settings(per_device_batch_size=2, max_steps=8,
+                                                                   save_only_model=False), [8],
                     str(tmp_path / "two"), {**RES, "num_workers": 2})
     assert one["facts"]["strategy"] == "single-process" and one["facts"]["world_size"] == 1
     assert two["facts"] == {**two["facts"], "strategy": "ddp", "world_size": 2, "device": "cpu", "backend": "gloo"}
@@ -261,6 +262,9 @@ def test_two_workers_reach_the_loss_of_one(ray_local, tiny_model, sft_rows, tmp_
     # Per-token means are taken per worker and then averaged, so the losses differ slightly: 2% at most.
     assert all(abs(a - b) <= 0.02 * a for a, b in zip(l1, l2)), (l1, l2)
     assert all(h["tokens_per_second"] > 0 for h in two["history"] if "loss" in h)
+    # Each worker's checkpoint files are merged into the one reported checkpoint: both ranks' random states.
+    files = {p.name for p in Path(two["checkpoints"][-1]["path"]).iterdir()}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "alignment_metrics.json"} <= files, files
 
 
 def _kill_the_worker_once(storage: Path, killed: dict) -> None:
