@@ -94,10 +94,14 @@ def _device_args(s: dict[str, Any]) -> dict[str, Any]:
     if s["use_gpu"]:
         if s.get("strategy") == "fsdp":
             # FSDP2 through accelerate: every decoder layer and the root sharded, full state dict on save,
-            # FSDP's own activation checkpointing (the Trainer's would add an all-gather in the backward).
-            return {"bf16": True, "activation_checkpointing": False, "fsdp": "full_shard auto_wrap",
+            # FSDP's own activation checkpointing (the Trainer's would add an all-gather in the backward). Not
+            # with LoRA: FSDP's checkpoint wrapper renames the layers (``_checkpoint_wrapped_module``), and peft,
+            # matching the adapter's names against the full state dict, then saves an empty adapter (seen on
+            # two ranks: tests/test_train.py); the Trainer's activation checkpointing renames nothing.
+            lora = bool(s.get("lora"))
+            return {"bf16": True, "activation_checkpointing": ckpt and lora, "fsdp": "full_shard auto_wrap",
                     "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT",
-                                    "activation_checkpointing": ckpt}}
+                                    "activation_checkpointing": ckpt and not lora}}
         return {"bf16": True, "activation_checkpointing": ckpt}
     return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": ckpt}
 

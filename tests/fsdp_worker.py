@@ -3,13 +3,14 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py SPEC.json
 
 Builds the stage's trainer with ``alignment.train.build_trainer`` and, when there is more than one rank, the
-FSDP2 arguments a GPU worker gets (``alignment.train._device_args``), in float32 on CPU. accelerate enables
+FSDP2 arguments a GPU worker gets (``alignment.train._device_args``), on CPU, in float32 (or, with ``as_gpu``,
+in a GPU worker's dtypes: bf16 autocast, a LoRA base in bf16). accelerate enables
 FSDP only on GPU backends (on CPU it silently runs DDP: ../shared/docs/STACK_NOTES.md); this process lifts that
 gate for itself, so that the multi-rank logic of the FSDP2 path (every decoder layer and the root sharded, the
 reference model of DPO, the collective full-state-dict save) runs over gloo on a machine without GPUs. The
 alignment package itself never does this: on CPU workers it runs DDP and says so.
 
-SPEC: {method, rows, model, settings, out, save_at (steps), resume (a checkpoint to resume from)}. Rank 0 writes ``<out>/result.json``: the run facts, the per-step
+SPEC: {method, rows, model, settings, out, save_at (steps), resume (a checkpoint to resume from), as_gpu}. Rank 0 writes ``<out>/result.json``: the run facts, the per-step
 losses, the steps this process ran, the parameters' placements and the elements this rank holds; every rank joins the save of
 ``<out>/final``.
 """
@@ -61,11 +62,19 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])
     settings = dict(spec["settings"])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    as_gpu = spec.get("as_gpu", False)
+    gpu_args = train._device_args({**settings, "use_gpu": True, "strategy": "fsdp" if ranks > 1 else "auto"})
+    if ranks > 1:
         lift_accelerate_gpu_gate()
-        gpu_args = train._device_args({**settings, "use_gpu": True, "strategy": "fsdp"})
         assert gpu_args["fsdp_config"]["version"] == 2, gpu_args
-        train._device_args = lambda s: {**gpu_args, "use_cpu": True, "bf16": False}  # float32 on CPU
+    if ranks > 1 or as_gpu:
+        # On the CPU; in float32 unless ``as_gpu``: then bf16 autocast and a LoRA base loaded in bf16, as on GPU.
+        args = {**gpu_args, "use_cpu": True, **({} if as_gpu else {"bf16": False})}
+        train._device_args = lambda s: args
+    if as_gpu:
+        load = train._load_model
+        train._load_model = lambda path, use_gpu, lora=False: load(path, True, lora)
     trainer = train.build_trainer(spec["method"], spec["rows"], spec["model"], settings, str(out))
     ran: list[int] = []
     trainer.add_callback(save_at(spec.get("save_at", []), ran))

@@ -247,6 +247,36 @@ def test_fsdp2_across_two_ranks_resumes_without_repeating_or_losing_steps(tiny_m
 
 
 @pytest.mark.integration
+def test_fsdp2_with_lora_saves_the_whole_adapter_and_resumes(tiny_model, sft_rows, tmp_path):
+    """LoRA under FSDP2 on 2 ranks in a GPU worker's dtypes (bf16 autocast, the frozen base in bf16, float32
+    adapters, activation checkpointing): the saved adapter holds every LoRA weight (FSDP's checkpoint wrapper had
+    made peft save an empty one) and loads onto the base; the loss follows one process; a run resumed from the
+    step-6 checkpoint runs steps 7-12 with the same losses."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    spec = {"method": "sft", "rows": sft_rows, "model": str(tiny_model), "as_gpu": True,
+            "settings": {**SFT, "lora": lora, "learning_rate": 2e-2, "save_only_model": False}}
+    one = _fsdp_worker(tmp_path, "one", {**spec, "settings": {**spec["settings"], "per_device_batch_size": 4}}, 1)
+    spec["settings"]["per_device_batch_size"] = 2
+    two = _fsdp_worker(tmp_path, "two", {**spec, "save_at": [6]}, 2)
+    resumed = _fsdp_worker(tmp_path, "resumed", {**spec, "resume": str(tmp_path / "two" / "checkpoint-6")}, 2)
+    assert {k: two["facts"][k] for k in ("strategy", "world_size", "dtype", "weights", "lora")} == \
+        {"strategy": "fsdp2", "world_size": 2, "dtype": "bf16", "weights": "float32", "lora": True}
+    assert two["placements"] == ["(Shard(dim=0),)"] and two["local_elements"] * 2 == one["local_elements"]
+    a = load_file(one["final"] / "adapter_model.safetensors")
+    b = load_file(two["final"] / "adapter_model.safetensors")
+    assert len(a) == 28 and b.keys() == a.keys()  # lora_A and lora_B of 7 projections in 2 layers
+    assert all(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)  # trained (lora_B starts at zero)
+    assert max(abs(x - y) for x, y in zip(one["losses"], two["losses"])) < 1e-3, (one["losses"], two["losses"])
+    assert resumed["steps_run"] == list(range(7, 13))
+    assert max(abs(x - y) for x, y in zip(two["losses"][6:], resumed["losses"][6:])) < 1e-4
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(two["final"]))
+
+
+@pytest.mark.integration
 def test_two_workers_reach_the_loss_of_one(ray_local, tiny_model, sft_rows, tmp_path):
     """DDP over 2 CPU workers with 2 rows each per step sees the same global batches as 1 worker with 4."""
     one = train.fit("sft", sft_rows, str(tiny_model), sft_settings(per_device_batch_size=4, max_steps=8), [8],
