@@ -422,6 +422,10 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .config import PRECOMPUTE_ONE_WORKER
+
+    if resources["num_workers"] > 1 and settings.get("params", {}).get("precompute_ref_log_probs"):
+        raise TrainError(f"{method}: {PRECOMPUTE_ONE_WORKER} (num_workers={resources['num_workers']})")
     cpus = resources["cpus_per_worker"]
     strategy = resources.get("strategy", "auto")
     if strategy == "auto":

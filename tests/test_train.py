@@ -158,10 +158,24 @@ def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
     ("pref.desirable_weight=2 search.method=[dpo,cpo]", "does not apply to method dpo / cpo; it is a parameter of kto"),
     ("resources.strategy=fsdp", "fsdp needs GPU workers"),
     ("pref.start_from=instruct", "needs model.instruct"),
+    ("pref.precompute_ref_log_probs=true resources.num_workers=2", "precompute_ref_log_probs needs a single "
+     "training worker.*num_workers is 2"),
+    ("pref.precompute_ref_log_probs=true search.method=[cpo,kto] resources.num_workers=2", "single training worker"),
 ])
 def test_a_parameter_for_another_method_is_a_config_error(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override.split())
+
+
+def test_precomputed_reference_log_probs_on_several_workers_is_refused_before_training(tiny_model, pref_pairs,
+                                                                                        tmp_path):
+    # On 2 workers TRL's precompute failed inside the workers with a FileNotFoundError (its cache file is in
+    # rank 0's temporary directory); fit says why before starting anything. One worker is fine (config too).
+    settings = {**{k: v for k, v in SETTINGS.items() if k != "use_gpu"},
+                "params": {**METHOD_PARAMS["dpo"], "precompute_ref_log_probs": True}}
+    with pytest.raises(train.TrainError, match="dpo: precompute_ref_log_probs needs a single training worker"):
+        train.fit("dpo", pref_pairs, str(tiny_model), settings, [2], str(tmp_path), {**RES, "num_workers": 2})
+    assert load_config(None, ["pref.precompute_ref_log_probs=true"]).pref.method_params()["precompute_ref_log_probs"]
 
 
 def test_method_params_take_the_methods_defaults():
