@@ -10,7 +10,8 @@ gate for itself, so that the multi-rank logic of the FSDP2 path (every decoder l
 reference model of DPO, the collective full-state-dict save) runs over gloo on a machine without GPUs. The
 alignment package itself never does this: on CPU workers it runs DDP and says so.
 
-SPEC: {method, rows, model, settings, out, save_at (steps), resume (a checkpoint to resume from), as_gpu}. Rank 0 writes ``<out>/result.json``: the run facts, the per-step
+SPEC: {method, rows, model, settings, out, eval_rows, save_at (steps), resume (a checkpoint to resume from),
+as_gpu}. Rank 0 writes ``<out>/result.json``: the run facts, the per-step
 losses, the steps this process ran, the parameters' placements and the elements this rank holds; every rank joins the save of
 ``<out>/final``.
 """
@@ -40,15 +41,16 @@ def lift_accelerate_gpu_gate() -> None:
     AcceleratorState.__init__ = patched
 
 
-def save_at(steps: list[int], ran: list[int]):
-    """A checkpoint (``<out>/checkpoint-<step>``) at each of ``steps``, as the stage's own callback does; the
-    steps this process runs are appended to ``ran``."""
+def save_at(steps: list[int], ran: list[int], evaluate: bool):
+    """A checkpoint (``<out>/checkpoint-<step>``) at each of ``steps``, evaluated when there are eval rows, as
+    the stage's own callback does; the steps this process runs are appended to ``ran``."""
     from transformers import TrainerCallback
 
     class SaveAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             ran.append(state.global_step)
             control.should_save = state.global_step in steps
+            control.should_evaluate = evaluate and control.should_save
             return control
 
     return SaveAt()
@@ -75,15 +77,17 @@ def main() -> None:
     if as_gpu:
         load = train._load_model
         train._load_model = lambda path, use_gpu, lora=False: load(path, True, lora)
-    trainer = train.build_trainer(spec["method"], spec["rows"], spec["model"], settings, str(out))
+    trainer = train.build_trainer(spec["method"], spec["rows"], spec["model"], settings, str(out),
+                                  eval_rows=spec.get("eval_rows"))
     ran: list[int] = []
-    trainer.add_callback(save_at(spec.get("save_at", []), ran))
+    trainer.add_callback(save_at(spec.get("save_at", []), ran, bool(spec.get("eval_rows"))))
     trainer.train(resume_from_checkpoint=spec.get("resume"))
     params = list(trainer.model.parameters())
     result = {
         "facts": train.run_facts(trainer),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],  # a resumed run's history too
         "steps_run": ran,
+        "eval_losses": [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h],
         "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "plain" for p in params}),
         "local_elements": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
     }

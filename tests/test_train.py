@@ -226,7 +226,7 @@ def test_fsdp2_across_two_ranks_shards_saves_and_matches_one_process(tiny_model,
     from transformers import AutoModelForCausalLM
 
     rows, settings = (sft_rows, SFT) if method == "sft" else (pref_pairs, {**SETTINGS, "params": METHOD_PARAMS["dpo"]})
-    spec = {"method": method, "rows": rows, "model": str(tiny_model)}
+    spec = {"method": method, "rows": rows[4:], "eval_rows": rows[:4], "model": str(tiny_model), "save_at": [4]}
     one = _fsdp_worker(tmp_path, "one", {**spec, "settings": {**settings, "per_device_batch_size": 4}}, 1)
     two = _fsdp_worker(tmp_path, "two", {**spec, "settings": {**settings, "per_device_batch_size": 2}}, 2)
     assert one["facts"]["strategy"] == "single-process" and one["placements"] == ["plain"]
@@ -235,6 +235,9 @@ def test_fsdp2_across_two_ranks_shards_saves_and_matches_one_process(tiny_model,
     assert two["placements"] == ["(Shard(dim=0),)"]  # every parameter a DTensor sharded over the 2 ranks
     assert two["local_elements"] * 2 == one["local_elements"]
     assert len(two["losses"]) == len(one["losses"]) == settings["max_steps"]
+    assert len(one["eval_losses"]) == len(two["eval_losses"]) == 1  # evaluated at the step-4 checkpoint, sharded
+    # Eval losses are per-batch means averaged (batches of 4 rows on one process, 2 a rank on two): close, not equal.
+    assert abs(one["eval_losses"][0] - two["eval_losses"][0]) < 1e-3 * abs(one["eval_losses"][0])
     assert two["losses"][-1] < two["losses"][0]
     # Same global batches, so the same curve up to float32 reduction order (seen: 1e-6).
     assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-4, (one["losses"], two["losses"])
