@@ -387,14 +387,6 @@ class SearchConfig(_Strict):
         return v
 
 
-# TRL (1.16) writes the precomputed reference log-probs on rank 0 only, into that process's own temporary
-# datasets directory, and every other rank then opens the same file name in its own: FileNotFoundError (seen
-# with 2 Ray Train workers, DDP, and with FSDP2).
-PRECOMPUTE_ONE_WORKER = ("precompute_ref_log_probs needs a single training worker: TRL writes the precomputed "
-                         "log-probs into rank 0's temporary directory, which the other workers cannot open; set "
-                         "resources.num_workers: 1 or leave precompute_ref_log_probs off")
-
-
 class ResourcesConfig(_Strict):
     ray_address: str | None = Field(
         None, description="Ray cluster to join; default: RAY_ADDRESS, or else an embedded local Ray."
@@ -443,9 +435,6 @@ class ExperimentConfig(_Strict):
         if self.resources.strategy == "fsdp" and not self.resources.use_gpu:
             raise ValueError("resources.strategy: fsdp needs GPU workers (resources.use_gpu: true); on CPU workers "
                              "the Hugging Face Trainer runs DDP")
-        if self.resources.num_workers > 1 and any(self.pref.method_params(m).get("precompute_ref_log_probs")
-                                                  for m in self.search.method or [self.pref.method]):
-            raise ValueError(f"pref.{PRECOMPUTE_ONE_WORKER} (resources.num_workers is {self.resources.num_workers})")
         if self.pref.start_from == "instruct" and not self.model.instruct:
             raise ValueError("pref.start_from: instruct needs model.instruct (the instruction-tuned model)")
         return self

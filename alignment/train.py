@@ -227,6 +227,8 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
     kwargs: dict[str, Any] = {}
     if method in ("dpo", "ipo", "kto"):
         kwargs["ref_model"] = None  # a copy of the starting model (or the adapters switched off)
+        if args.precompute_ref_log_probs:
+            trainer_cls = _precompute_on_every_rank(trainer_cls)
     peft_config = _peft_config(settings.get("lora"))
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
@@ -238,6 +240,33 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
     )
     trainer.add_callback(_throughput_callback(TokenCounter(trainer.model)))
     return trainer
+
+
+def _precompute_on_every_rank(trainer_cls):
+    """``trainer_cls`` whose precomputed reference log-probs every rank keeps for itself.
+
+    TRL (1.16: DPO and KTO alike) runs the reference forwards on every rank and gathers the log-probs of all
+    rows to every rank, then has rank 0 alone write them to a datasets cache file that every rank opens. For
+    an in-memory dataset (the stage's) that file is rank 0's own temporary file, under a random name: every
+    other rank failed with FileNotFoundError (2 Ray Train workers, DDP and FSDP2). Here each rank writes the
+    log-probs it already holds to its own cache file, with TRL's own code: the same values on every rank,
+    nothing shared between processes or nodes. A dataset backed by files keeps TRL's behaviour (one cache
+    file beside them, which every rank can open where they are).
+    """
+    class EveryRankPrecomputes(trainer_cls):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if dataset.cache_files:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            accelerator = self.accelerator
+            shared = type(accelerator)
+            accelerator.__class__ = type("EveryRankWrites", (shared,), {"is_main_process": property(lambda _: True)})
+            try:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                accelerator.__class__ = shared
+
+    EveryRankPrecomputes.__name__ = EveryRankPrecomputes.__qualname__ = trainer_cls.__name__
+    return EveryRankPrecomputes
 
 
 # --------------------------------------------------------------------------------------------- callbacks
@@ -422,10 +451,6 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .config import PRECOMPUTE_ONE_WORKER
-
-    if resources["num_workers"] > 1 and settings.get("params", {}).get("precompute_ref_log_probs"):
-        raise TrainError(f"{method}: {PRECOMPUTE_ONE_WORKER} (num_workers={resources['num_workers']})")
     cpus = resources["cpus_per_worker"]
     strategy = resources.get("strategy", "auto")
     if strategy == "auto":

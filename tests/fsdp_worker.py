@@ -11,7 +11,7 @@ reference model of DPO, the collective full-state-dict save) runs over gloo on a
 alignment package itself never does this: on CPU workers it runs DDP and says so.
 
 SPEC: {method, rows, model, settings, out, eval_rows, save_at (steps), resume (a checkpoint to resume from),
-as_gpu}. Rank 0 writes ``<out>/result.json``: the run facts, the per-step
+as_gpu, strategy ("fsdp", the default, or "ddp": the CPU workers' own DDP, nothing lifted)}. Rank 0 writes ``<out>/result.json``: the run facts, the per-step
 losses, the steps this process ran, the parameters' placements and the elements this rank holds; every rank joins the save of
 ``<out>/final``.
 """
@@ -66,11 +66,12 @@ def main() -> None:
     settings = dict(spec["settings"])
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     as_gpu = spec.get("as_gpu", False)
-    gpu_args = train._device_args({**settings, "use_gpu": True, "strategy": "fsdp" if ranks > 1 else "auto"})
-    if ranks > 1:
+    fsdp = ranks > 1 and spec.get("strategy", "fsdp") == "fsdp"
+    gpu_args = train._device_args({**settings, "use_gpu": True, "strategy": "fsdp" if fsdp else "auto"})
+    if fsdp:
         lift_accelerate_gpu_gate()
         assert gpu_args["fsdp_config"]["version"] == 2, gpu_args
-    if ranks > 1 or as_gpu:
+    if fsdp or as_gpu:
         # On the CPU; in float32 unless ``as_gpu``: then bf16 autocast and a LoRA base loaded in bf16, as on GPU.
         args = {**gpu_args, "use_cpu": True, **({} if as_gpu else {"bf16": False})}
         train._device_args = lambda s: args

@@ -158,24 +158,10 @@ def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
     ("pref.desirable_weight=2 search.method=[dpo,cpo]", "does not apply to method dpo / cpo; it is a parameter of kto"),
     ("resources.strategy=fsdp", "fsdp needs GPU workers"),
     ("pref.start_from=instruct", "needs model.instruct"),
-    ("pref.precompute_ref_log_probs=true resources.num_workers=2", "precompute_ref_log_probs needs a single "
-     "training worker.*num_workers is 2"),
-    ("pref.precompute_ref_log_probs=true search.method=[cpo,kto] resources.num_workers=2", "single training worker"),
 ])
 def test_a_parameter_for_another_method_is_a_config_error(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override.split())
-
-
-def test_precomputed_reference_log_probs_on_several_workers_is_refused_before_training(tiny_model, pref_pairs,
-                                                                                        tmp_path):
-    # On 2 workers TRL's precompute failed inside the workers with a FileNotFoundError (its cache file is in
-    # rank 0's temporary directory); fit says why before starting anything. One worker is fine (config too).
-    settings = {**{k: v for k, v in SETTINGS.items() if k != "use_gpu"},
-                "params": {**METHOD_PARAMS["dpo"], "precompute_ref_log_probs": True}}
-    with pytest.raises(train.TrainError, match="dpo: precompute_ref_log_probs needs a single training worker"):
-        train.fit("dpo", pref_pairs, str(tiny_model), settings, [2], str(tmp_path), {**RES, "num_workers": 2})
-    assert load_config(None, ["pref.precompute_ref_log_probs=true"]).pref.method_params()["precompute_ref_log_probs"]
 
 
 def test_method_params_take_the_methods_defaults():
@@ -291,6 +277,29 @@ def test_fsdp2_with_lora_saves_the_whole_adapter_and_resumes(tiny_model, sft_row
     assert resumed["steps_run"] == list(range(7, 13))
     assert max(abs(x - y) for x, y in zip(two["losses"][6:], resumed["losses"][6:])) < 1e-4
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(two["final"]))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method,strategy", [("dpo", "ddp"), ("kto", "fsdp")])
+def test_precomputed_reference_log_probs_on_two_ranks_train_as_the_live_reference(tiny_model, pref_pairs, tmp_path,
+                                                                                  method, strategy):
+    """With ``precompute_ref_log_probs`` on two ranks (the CPU workers' DDP, and the FSDP2 arguments of GPU
+    workers) every rank gets the reference log-probs of every row, and training follows the same two ranks with
+    the live reference model, step for step and at the evaluated checkpoint. TRL alone had rank 0 write them
+    to a file in its own temporary directory, which the other rank failed to open (FileNotFoundError)."""
+    params = METHOD_PARAMS[method]
+    spec = {"method": method, "rows": pref_pairs[4:], "eval_rows": pref_pairs[:4], "model": str(tiny_model),
+            "save_at": [3], "strategy": strategy,
+            "settings": {**SETTINGS, "max_steps": 6, "per_device_batch_size": 2, "params": params}}
+    live = _fsdp_worker(tmp_path, "live", spec, 2)
+    pre = _fsdp_worker(tmp_path, "pre", {**spec, "settings": {**spec["settings"],
+                                                              "params": {**params, "precompute_ref_log_probs": True}}}, 2)
+    assert {k: pre["facts"][k] for k in ("strategy", "world_size")} == \
+        {"strategy": {"ddp": "ddp", "fsdp": "fsdp2"}[strategy], "world_size": 2}
+    assert len(pre["losses"]) == 6 and len(pre["eval_losses"]) == 1
+    assert pre["losses"][-1] < pre["losses"][0]
+    assert max(abs(a - b) for a, b in zip(live["losses"], pre["losses"])) < 1e-4, (live["losses"], pre["losses"])
+    assert abs(live["eval_losses"][0] - pre["eval_losses"][0]) < 1e-4
 
 
 @pytest.mark.integration
