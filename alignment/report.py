@@ -13,9 +13,14 @@ COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pai
            ("order_disagreement_rate", "orders disagree")]
 
 
+def _varied(results: list[dict]) -> set[str]:
+    """Which of method and pairs the search varied."""
+    return {key for key in ("method", "num_pairs") if len({str(r.get(key)) for r in results}) > 1}
+
+
 def _columns(results: list[dict]) -> list[tuple[str, str]]:
     """The table's columns: method and pairs only where the search varied them."""
-    varied = {key for key in ("method", "num_pairs") if len({str(r.get(key)) for r in results}) > 1}
+    varied = _varied(results)
     return [(k, n) for k, n in COLUMNS if k not in ("method", "num_pairs") or k in varied]
 
 
@@ -27,6 +32,12 @@ def _point(r: dict, sep: str = ", ") -> str:
     if r.get("num_pairs"):
         parts.append(f"pairs = {r['num_pairs']}")
     return sep.join(parts)
+
+
+def bar_labels(results: list[dict], sep: str) -> list[str]:
+    """Each grid point's short name: k and SFT step, and method and pairs only where the search varied them."""
+    hide = {key: None for key in ("method", "num_pairs") if key not in _varied(results)}
+    return [_point({**r, **hide}, sep).replace(" = ", "=").replace("SFT step", "step") for r in results]
 
 
 def _fmt(v: Any) -> str:
@@ -66,15 +77,22 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
         ax.text(0.5, 0.5, "no valid judgements", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{metric.replace('_', ' ')} against the baseline")
 
-    labels = [_point(r, "\n").replace(" = ", "=").replace("SFT step", "step") for r in results]
+    flat = len(results) > 4  # more than four bars lie on their side, one line each, so long labels stay readable
+    labels = bar_labels(results, ", " if flat else "\n")
     bottom = [0] * len(results)
     for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("invalid", "white")):
         vals = [r.get(key) or 0 for r in results]
-        bars.bar(labels, vals, bottom=bottom, color=color, edgecolor="black", linewidth=0.5, label=key)
+        style = {"color": color, "edgecolor": "black", "linewidth": 0.5, "label": key}
+        if flat:
+            bars.barh(labels, vals, left=bottom, **style)
+        else:
+            bars.bar(labels, vals, bottom=bottom, **style)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    bars.set_ylabel("prompts")
+    (bars.set_xlabel if flat else bars.set_ylabel)("prompts")
+    if flat:
+        bars.invert_yaxis()  # the first grid point on top, as in the table
     bars.set_title("verdicts per grid point")
-    bars.legend(fontsize="small", ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    bars.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, clear of labels
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
