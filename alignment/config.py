@@ -261,13 +261,20 @@ DPO_LOSS_TYPES = (
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 
+# The loss types whose reward difference f-DPO generalises (TRL rejects another f-divergence with the others).
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+
 PrefMethod = Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"]
 PREF_METHODS: tuple[str, ...] = get_args(PrefMethod)
 
 # The parameters each method takes, with their defaults there. A parameter set in the config for a method
 # that does not take it is a config error.
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_log_probs": False},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "loss_weights": None, "label_smoothing": 0.0,
+            "precompute_ref_log_probs": False, "ld_alpha": None, "use_weighting": False,
+            "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05,
+            "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512},
     "ipo": {"beta": 0.1, "precompute_ref_log_probs": False},
     "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_log_probs": False},
     "cpo": {"beta": 0.1, "cpo_alpha": 1.0, "label_smoothing": 0.0},
@@ -283,7 +290,35 @@ class PrefConfig(TrainConfig):
     )
     # Method parameters: None means the method's default (METHOD_PARAMS).
     beta: float | None = Field(None, gt=0, description="KL / reward scale (dpo, ipo, kto, cpo, simpo).")
-    loss_type: str | None = Field(None, description="dpo only: the loss as TRL names it (sigmoid = DPO, hinge, ...).")
+    loss_type: str | list[str] | None = Field(
+        None, description="dpo only: the loss as TRL names it (sigmoid = DPO, hinge, robust, ...), or a list of them "
+        "summed with loss_weights (e.g. [sigmoid, sft]: RPO, DPO plus the NLL of chosen answers).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="dpo, a list loss_type: one weight per loss (default: 1 each).",
+    )
+    ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="dpo: LD-DPO's weight of the log-probs past the shorter answer's length "
+        "(1: plain DPO, 0: masked).",
+    )
+    use_weighting: bool | None = Field(
+        None, description="dpo: WPO, each pair weighted by the policy's length-normalised probability of it.",
+    )
+    f_divergence_type: FDivergence | None = Field(
+        None, description="dpo: f-DPO's divergence from the reference (reverse_kl: plain DPO, forward_kl, "
+        "js_divergence, alpha_divergence).",
+    )
+    f_alpha_divergence_coef: float | None = Field(
+        None, gt=0, description="dpo, f_divergence_type alpha_divergence: the alpha.",
+    )
+    discopop_tau: float | None = Field(None, gt=0, description="dpo, loss_type discopop: DiscoPOP's temperature.")
+    sync_ref_model: bool | None = Field(
+        None, description="dpo: TR-DPO, the reference model mixed towards the policy every ref_model_sync_steps.",
+    )
+    ref_model_mixup_alpha: float | None = Field(
+        None, ge=0, le=1, description="dpo, sync_ref_model: the policy's share in each mix.",
+    )
+    ref_model_sync_steps: int | None = Field(None, ge=1, description="dpo, sync_ref_model: steps between mixes.")
     label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="dpo, cpo: conservative / robust DPO.")
     precompute_ref_log_probs: bool | None = Field(
         None, description="dpo, ipo, kto: compute the reference model's log-probs once before training (then the "
@@ -315,10 +350,42 @@ class PrefConfig(TrainConfig):
 
     @field_validator("loss_type")
     @classmethod
-    def _known_loss(cls, v: str | None) -> str | None:
-        if v is not None and v not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown DPO loss_type {v!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    def _known_loss(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for name in [v] if isinstance(v, str) else v or []:
+            if name not in DPO_LOSS_TYPES:
+                raise ValueError(f"unknown DPO loss_type {name!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+        if isinstance(v, list) and not v:
+            raise ValueError("loss_type is an empty list; name one loss or more")
         return v
+
+    @model_validator(mode="after")
+    def _dpo_combinations(self) -> "PrefConfig":
+        """The DPO parameters that only mean something together (TRL would fail inside a training worker)."""
+        p = self.method_params("dpo")
+        losses = [p["loss_type"]] if isinstance(p["loss_type"], str) else p["loss_type"]
+        if p["loss_weights"] is not None and len(p["loss_weights"]) != len(losses):
+            raise ValueError(f"pref.loss_weights has {len(p['loss_weights'])} weights for {len(losses)} loss types "
+                             f"({', '.join(losses)})")
+        if p["f_divergence_type"] != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSS_TYPES):
+            raise ValueError(f"pref.f_divergence_type {p['f_divergence_type']} works with the loss types "
+                             f"{', '.join(F_DIVERGENCE_LOSS_TYPES)} only, not {', '.join(losses)}")
+        if p["use_weighting"] and set(losses) & {"aot", "aot_unpaired"}:
+            raise ValueError("pref.use_weighting (WPO) does not work with the aot losses")
+        needs = {"f_alpha_divergence_coef": (p["f_divergence_type"] == "alpha_divergence",
+                                             "f_divergence_type is alpha_divergence"),
+                 "discopop_tau": ("discopop" in losses, "loss_type has discopop"),
+                 "ref_model_mixup_alpha": (p["sync_ref_model"], "sync_ref_model is true"),
+                 "ref_model_sync_steps": (p["sync_ref_model"], "sync_ref_model is true")}
+        for name, (applies, when) in needs.items():
+            if getattr(self, name) is not None and not applies:
+                raise ValueError(f"pref.{name} has no effect unless pref.{when}")
+        if p["sync_ref_model"] and p["precompute_ref_log_probs"]:
+            raise ValueError("pref.sync_ref_model moves the reference model during training: its log-probs cannot "
+                             "be precomputed (precompute_ref_log_probs)")
+        if p["sync_ref_model"] and self.lora:
+            raise ValueError("pref.sync_ref_model needs a reference model of its own; with pref.lora the reference "
+                             "is the base with the adapters off (TRL does not support the two together)")
+        return self
 
     def given_params(self) -> dict[str, Any]:
         """The method parameters set in the config (by their config names)."""

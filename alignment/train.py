@@ -167,6 +167,12 @@ def _peft_config(lora: dict[str, Any] | None):
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
+# The dpo method's parameters (config.METHOD_PARAMS) that go to DPOConfig under the same names.
+DPO_CONFIG_PARAMS = ("beta", "loss_weights", "label_smoothing", "precompute_ref_log_probs", "ld_alpha", "use_weighting",
+                     "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "sync_ref_model",
+                     "ref_model_mixup_alpha", "ref_model_sync_steps")
+
+
 def _trainer_classes(method: str):
     """(config class, trainer class, method-specific config arguments from the settings)."""
     if method == "sft":
@@ -176,9 +182,14 @@ def _trainer_classes(method: str):
     if method in ("dpo", "ipo"):
         from trl import DPOConfig, DPOTrainer
 
-        return DPOConfig, DPOTrainer, lambda p: {
-            "beta": p["beta"], "loss_type": [p.get("loss_type", "ipo")], "label_smoothing": p.get("label_smoothing", 0.0),
-            "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
+        def dpo_args(p: dict[str, Any]) -> dict[str, Any]:
+            if method == "ipo":
+                return {"beta": p["beta"], "loss_type": ["ipo"], "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
+            losses = p["loss_type"]
+            return {**{name: p[name] for name in DPO_CONFIG_PARAMS},
+                    "loss_type": [losses] if isinstance(losses, str) else list(losses)}
+
+        return DPOConfig, DPOTrainer, dpo_args
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
 

@@ -83,10 +83,16 @@ def test_lora_trains_adapters_only_and_its_checkpoint_loads_merged(tiny_model, s
     assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(base, want, atol=1e-3)
 
 
-# Each method with its defaults, and two DPO variants.
+# Each method with its defaults, and DPO variants: another loss, precomputed reference log-probs, RPO (DPO plus
+# the NLL of chosen answers, weighted), WPO weighting with LD-DPO's length discount, f-DPO, TR-DPO.
+DPO = METHOD_PARAMS["dpo"]
 PARAMS = {**METHOD_PARAMS,
-          "dpo-hinge": {**METHOD_PARAMS["dpo"], "loss_type": "hinge"},
-          "dpo-precomputed": {**METHOD_PARAMS["dpo"], "precompute_ref_log_probs": True}}
+          "dpo-hinge": {**DPO, "loss_type": "hinge"},
+          "dpo-precomputed": {**DPO, "precompute_ref_log_probs": True},
+          "dpo-rpo": {**DPO, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+          "dpo-wpo": {**DPO, "use_weighting": True, "ld_alpha": 0.5},
+          "dpo-fdpo": {**DPO, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+          "dpo-trdpo": {**DPO, "sync_ref_model": True, "ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 4}}
 
 
 @pytest.mark.parametrize("variant", list(PARAMS))
@@ -94,6 +100,10 @@ def test_each_preference_method_learns(tiny_model, pref_pairs, tmp_path, variant
     method = variant.split("-")[0]
     settings = {**SETTINGS, "params": PARAMS[variant]}
     trainer = train.build_trainer(method, pref_pairs, str(tiny_model), settings, str(tmp_path))
+    if method == "dpo":  # every parameter reaches TRL's config as it was set
+        given = {**PARAMS[variant], "loss_type": [PARAMS[variant]["loss_type"]] if isinstance(
+            PARAMS[variant]["loss_type"], str) else PARAMS[variant]["loss_type"]}
+        assert {name: getattr(trainer.args, name) for name in given} == given
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 10 and logs[-1]["loss"] < logs[0]["loss"]
@@ -104,6 +114,29 @@ def test_each_preference_method_learns(tiny_model, pref_pairs, tmp_path, variant
             assert logs[-1]["rewards/accuracies"] >= 0.75, [(h["rewards/accuracies"], h["rewards/margins"]) for h in logs]
     else:
         assert "rewards/chosen" in logs[-1] and "kl" in logs[-1]
+
+
+def test_dpo_variants_train_differently_from_dpo_as_their_losses_say(tiny_model, pref_pairs, tmp_path):
+    """At step 1 the policy is its reference, so DPO's loss is ln 2 and its margin 0. RPO adds half the chosen
+    answers' NLL; WPO weights each pair below 1; f-DPO (alpha divergence) agrees at step 1 and not after;
+    TR-DPO follows DPO until its reference is mixed towards the policy after step 4, which shrinks the margin."""
+    import math
+
+    def run(variant: str, steps: int = 6, **over) -> list[dict]:
+        trainer = train.build_trainer("dpo", pref_pairs, str(tiny_model), {
+            **SETTINGS, "max_steps": steps, "params": {**PARAMS[variant], **over}}, str(tmp_path / f"{variant}{over}"))
+        trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    dpo, rpo, wpo, fdpo, trdpo = (run(v) for v in ("dpo", "dpo-rpo", "dpo-wpo", "dpo-fdpo", "dpo-trdpo"))
+    rpo_whole_nll = run("dpo-rpo", 1, loss_weights=[1.0, 1.0])
+    assert abs(dpo[0]["loss"] - math.log(2)) < 1e-4 and dpo[0]["rewards/margins"] == 0
+    nll = rpo_whole_nll[0]["loss"] - math.log(2)
+    assert nll > 1 and abs(rpo[0]["loss"] - (math.log(2) + 0.5 * nll)) < 1e-4  # loss_weights [1, 0.5]
+    assert abs(wpo[0]["loss"] - math.log(2)) > 1e-3
+    assert abs(fdpo[0]["loss"] - math.log(2)) < 1e-4 and abs(fdpo[1]["loss"] - dpo[1]["loss"]) > 1e-3
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(dpo[:4], trdpo[:4])) < 1e-5
+    assert trdpo[4]["rewards/margins"] < dpo[4]["rewards/margins"] - 0.1
 
 
 def test_kto_from_unpaired_rows_and_paired_methods_refuse_them(tiny_model, pref_pairs, tmp_path):
@@ -158,6 +191,14 @@ def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
     ("pref.desirable_weight=2 search.method=[dpo,cpo]", "does not apply to method dpo / cpo; it is a parameter of kto"),
     ("resources.strategy=fsdp", "fsdp needs GPU workers"),
     ("pref.start_from=instruct", "needs model.instruct"),
+    ("pref.loss_type=[sigmoid,sft] pref.loss_weights=[1,2,3]", "3 weights for 2 loss types"),
+    ("pref.loss_type=bco_pair pref.f_divergence_type=js_divergence", "js_divergence works with the loss types"),
+    ("pref.loss_type=[sigmoid,aot] pref.use_weighting=true", "does not work with the aot losses"),
+    ("pref.ref_model_sync_steps=8", "no effect unless pref.sync_ref_model is true"),
+    ("pref.f_alpha_divergence_coef=0.2 pref.f_divergence_type=forward_kl", "unless pref.f_divergence_type is alpha"),
+    ("pref.sync_ref_model=true pref.precompute_ref_log_probs=true", "cannot be precomputed"),
+    ("pref.sync_ref_model=true pref.lora.r=8", "with pref.lora the reference"),
+    ("pref.method=cpo pref.ld_alpha=0.5", "ld_alpha does not apply to method cpo; it is a parameter of dpo"),
 ])
 def test_a_parameter_for_another_method_is_a_config_error(override, message):
     with pytest.raises(ConfigError, match=message):
