@@ -268,6 +268,13 @@ FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 PrefMethod = Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"]
 PREF_METHODS: tuple[str, ...] = get_args(PrefMethod)
 
+# The loss types of each method that takes pref.loss_type, as its TRL trainer names them (only dpo sums several).
+LOSS_TYPES: dict[str, tuple[str, ...]] = {
+    "dpo": DPO_LOSS_TYPES,
+    "kto": ("kto", "apo_zero_unpaired"),  # KTOConfig.loss_type
+    "cpo": ("sigmoid", "hinge", "ipo"),  # CPOConfig.loss_type (its simpo and alphapo losses are method simpo)
+}
+
 # The parameters each method takes, with their defaults there. A parameter set in the config for a method
 # that does not take it is a config error.
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
@@ -276,9 +283,11 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
             "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05,
             "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512},
     "ipo": {"beta": 0.1, "precompute_ref_log_probs": False},
-    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_log_probs": False},
-    "cpo": {"beta": 0.1, "cpo_alpha": 1.0, "label_smoothing": 0.0},
-    "simpo": {"beta": 2.0, "gamma": 1.0},
+    "kto": {"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0,
+            "precompute_ref_log_probs": False, "sync_ref_model": False, "ref_model_mixup_alpha": 0.6,
+            "ref_model_sync_steps": 512},
+    "cpo": {"beta": 0.1, "loss_type": "sigmoid", "cpo_alpha": 1.0, "label_smoothing": 0.0, "alphapo_alpha": 0.0},
+    "simpo": {"beta": 2.0, "gamma": 1.0, "alphapo_alpha": 0.0},
     "orpo": {"lambda": 0.1},
 }
 
@@ -291,8 +300,9 @@ class PrefConfig(TrainConfig):
     # Method parameters: None means the method's default (METHOD_PARAMS).
     beta: float | None = Field(None, gt=0, description="KL / reward scale (dpo, ipo, kto, cpo, simpo).")
     loss_type: str | list[str] | None = Field(
-        None, description="dpo only: the loss as TRL names it (sigmoid = DPO, hinge, robust, ...), or a list of them "
-        "summed with loss_weights (e.g. [sigmoid, sft]: RPO, DPO plus the NLL of chosen answers).",
+        None, description="dpo, kto, cpo: the loss as the method's TRL trainer names it (dpo: sigmoid = DPO, hinge, "
+        "robust, ...; kto: kto, apo_zero_unpaired; cpo: sigmoid, hinge, ipo); for dpo also a list of them summed "
+        "with loss_weights (e.g. [sigmoid, sft]: RPO, DPO plus the NLL of chosen answers).",
     )
     loss_weights: list[float] | None = Field(
         None, description="dpo, a list loss_type: one weight per loss (default: 1 each).",
@@ -313,12 +323,16 @@ class PrefConfig(TrainConfig):
     )
     discopop_tau: float | None = Field(None, gt=0, description="dpo, loss_type discopop: DiscoPOP's temperature.")
     sync_ref_model: bool | None = Field(
-        None, description="dpo: TR-DPO, the reference model mixed towards the policy every ref_model_sync_steps.",
+        None, description="dpo, kto: TR-DPO, the reference model mixed towards the policy every ref_model_sync_steps.",
     )
     ref_model_mixup_alpha: float | None = Field(
-        None, ge=0, le=1, description="dpo, sync_ref_model: the policy's share in each mix.",
+        None, ge=0, le=1, description="dpo, kto, sync_ref_model: the policy's share in each mix.",
     )
-    ref_model_sync_steps: int | None = Field(None, ge=1, description="dpo, sync_ref_model: steps between mixes.")
+    ref_model_sync_steps: int | None = Field(None, ge=1, description="dpo, kto, sync_ref_model: steps between mixes.")
+    alphapo_alpha: float | None = Field(
+        None, description="cpo, simpo: AlphaPO's reward shape, r = (1 - p^-alpha) / alpha (0: log-probability "
+        "rewards; simpo with an alpha is AlphaPO). TRL calls it alpha.",
+    )
     label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="dpo, cpo: conservative / robust DPO.")
     precompute_ref_log_probs: bool | None = Field(
         None, description="dpo, ipo, kto: compute the reference model's log-probs once before training (then the "
@@ -348,45 +362,6 @@ class PrefConfig(TrainConfig):
 
     model_config = ConfigDict(populate_by_name=True)  # merged with _Strict's; `lambda` is a Python keyword
 
-    @field_validator("loss_type")
-    @classmethod
-    def _known_loss(cls, v: str | list[str] | None) -> str | list[str] | None:
-        for name in [v] if isinstance(v, str) else v or []:
-            if name not in DPO_LOSS_TYPES:
-                raise ValueError(f"unknown DPO loss_type {name!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
-        if isinstance(v, list) and not v:
-            raise ValueError("loss_type is an empty list; name one loss or more")
-        return v
-
-    @model_validator(mode="after")
-    def _dpo_combinations(self) -> "PrefConfig":
-        """The DPO parameters that only mean something together (TRL would fail inside a training worker)."""
-        p = self.method_params("dpo")
-        losses = [p["loss_type"]] if isinstance(p["loss_type"], str) else p["loss_type"]
-        if p["loss_weights"] is not None and len(p["loss_weights"]) != len(losses):
-            raise ValueError(f"pref.loss_weights has {len(p['loss_weights'])} weights for {len(losses)} loss types "
-                             f"({', '.join(losses)})")
-        if p["f_divergence_type"] != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSS_TYPES):
-            raise ValueError(f"pref.f_divergence_type {p['f_divergence_type']} works with the loss types "
-                             f"{', '.join(F_DIVERGENCE_LOSS_TYPES)} only, not {', '.join(losses)}")
-        if p["use_weighting"] and set(losses) & {"aot", "aot_unpaired"}:
-            raise ValueError("pref.use_weighting (WPO) does not work with the aot losses")
-        needs = {"f_alpha_divergence_coef": (p["f_divergence_type"] == "alpha_divergence",
-                                             "f_divergence_type is alpha_divergence"),
-                 "discopop_tau": ("discopop" in losses, "loss_type has discopop"),
-                 "ref_model_mixup_alpha": (p["sync_ref_model"], "sync_ref_model is true"),
-                 "ref_model_sync_steps": (p["sync_ref_model"], "sync_ref_model is true")}
-        for name, (applies, when) in needs.items():
-            if getattr(self, name) is not None and not applies:
-                raise ValueError(f"pref.{name} has no effect unless pref.{when}")
-        if p["sync_ref_model"] and p["precompute_ref_log_probs"]:
-            raise ValueError("pref.sync_ref_model moves the reference model during training: its log-probs cannot "
-                             "be precomputed (precompute_ref_log_probs)")
-        if p["sync_ref_model"] and self.lora:
-            raise ValueError("pref.sync_ref_model needs a reference model of its own; with pref.lora the reference "
-                             "is the base with the adapters off (TRL does not support the two together)")
-        return self
-
     def given_params(self) -> dict[str, Any]:
         """The method parameters set in the config (by their config names)."""
         names = {p for params in METHOD_PARAMS.values() for p in params}
@@ -394,12 +369,53 @@ class PrefConfig(TrainConfig):
         return {n: v for n, v in values.items() if v is not None}
 
     def check_params(self, methods: list[str]) -> None:
-        """Every parameter set must belong to one of ``methods``."""
+        """Every parameter set must belong to one of ``methods`` and make sense for each of them that takes it:
+        what TRL would refuse inside a training worker, and a parameter without effect, are errors here."""
         for name in sorted(self.given_params()):
             if not any(name in METHOD_PARAMS[m] for m in methods):
                 takers = [m for m in PREF_METHODS if name in METHOD_PARAMS[m]]
                 raise ValueError(f"pref.{name} does not apply to method {' / '.join(methods)}; "
                                  f"it is a parameter of {', '.join(takers)}")
+        for method in methods:
+            self._check_method(method, self.method_params(method))
+
+    def _check_method(self, method: str, p: dict[str, Any]) -> None:
+        losses = [p["loss_type"]] if isinstance(p.get("loss_type"), str) else p.get("loss_type")
+        if losses is not None:
+            if not losses:
+                raise ValueError("pref.loss_type is an empty list; name one loss or more")
+            if len(losses) > 1 and method != "dpo":
+                raise ValueError(f"pref.loss_type: only dpo sums several losses, not {method}")
+            for name in losses:
+                if name not in LOSS_TYPES[method]:
+                    raise ValueError(f"pref.loss_type {name!r} is not a loss of {method}; choose one of "
+                                     f"{', '.join(LOSS_TYPES[method])}")
+        given = self.given_params()
+        if method == "dpo":
+            if p["loss_weights"] is not None and len(p["loss_weights"]) != len(losses):
+                raise ValueError(f"pref.loss_weights has {len(p['loss_weights'])} weights for {len(losses)} loss "
+                                 f"types ({', '.join(losses)})")
+            if p["f_divergence_type"] != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSS_TYPES):
+                raise ValueError(f"pref.f_divergence_type {p['f_divergence_type']} works with the loss types "
+                                 f"{', '.join(F_DIVERGENCE_LOSS_TYPES)} only, not {', '.join(losses)}")
+            if p["use_weighting"] and set(losses) & {"aot", "aot_unpaired"}:
+                raise ValueError("pref.use_weighting (WPO) does not work with the aot losses")
+            needs = {"f_alpha_divergence_coef": (p["f_divergence_type"] == "alpha_divergence",
+                                                 "f_divergence_type is alpha_divergence"),
+                     "discopop_tau": ("discopop" in losses, "loss_type has discopop")}
+            for name, (applies, when) in needs.items():
+                if name in given and not applies:
+                    raise ValueError(f"pref.{name} has no effect unless pref.{when}")
+        if "sync_ref_model" in p:
+            for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+                if name in given and not p["sync_ref_model"]:
+                    raise ValueError(f"pref.{name} has no effect unless pref.sync_ref_model is true")
+            if p["sync_ref_model"] and p["precompute_ref_log_probs"]:
+                raise ValueError("pref.sync_ref_model moves the reference model during training: its log-probs "
+                                 "cannot be precomputed (precompute_ref_log_probs)")
+            if p["sync_ref_model"] and self.lora:
+                raise ValueError("pref.sync_ref_model needs a reference model of its own; with pref.lora the "
+                                 "reference is the base with the adapters off (TRL does not support the two together)")
 
     def method_params(self, method: str | None = None) -> dict[str, Any]:
         """``method``'s parameters: its defaults, overridden by those set in the config."""

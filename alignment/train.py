@@ -167,10 +167,13 @@ def _peft_config(lora: dict[str, Any] | None):
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
-# The dpo method's parameters (config.METHOD_PARAMS) that go to DPOConfig under the same names.
+# The dpo method's parameters (config.METHOD_PARAMS) that go to DPOConfig under the same names (and loss_type).
 DPO_CONFIG_PARAMS = ("beta", "loss_weights", "label_smoothing", "precompute_ref_log_probs", "ld_alpha", "use_weighting",
                      "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "sync_ref_model",
                      "ref_model_mixup_alpha", "ref_model_sync_steps")
+# The kto method's parameters, KTOConfig's names.
+KTO_CONFIG_PARAMS = ("beta", "loss_type", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs",
+                     "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
 
 
 def _trainer_classes(method: str):
@@ -193,17 +196,16 @@ def _trainer_classes(method: str):
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        return KTOConfig, KTOTrainer, lambda p: {
-            "beta": p["beta"], "desirable_weight": p["desirable_weight"], "undesirable_weight": p["undesirable_weight"],
-            "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
+        return KTOConfig, KTOTrainer, lambda p: {name: p[name] for name in KTO_CONFIG_PARAMS}
     if method in ("cpo", "simpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         if method == "cpo":
-            return CPOConfig, CPOTrainer, lambda p: {"loss_type": "sigmoid", "beta": p["beta"],
-                                                     "cpo_alpha": p["cpo_alpha"], "label_smoothing": p["label_smoothing"]}
+            return CPOConfig, CPOTrainer, lambda p: {"loss_type": p["loss_type"], "beta": p["beta"],
+                                                     "cpo_alpha": p["cpo_alpha"], "label_smoothing": p["label_smoothing"],
+                                                     "alpha": p["alphapo_alpha"]}
         return CPOConfig, CPOTrainer, lambda p: {"loss_type": "simpo", "beta": p["beta"], "simpo_gamma": p["gamma"],
-                                                 "cpo_alpha": 0.0}
+                                                 "cpo_alpha": 0.0, "alpha": p["alphapo_alpha"]}
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 

@@ -92,7 +92,11 @@ PARAMS = {**METHOD_PARAMS,
           "dpo-rpo": {**DPO, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
           "dpo-wpo": {**DPO, "use_weighting": True, "ld_alpha": 0.5},
           "dpo-fdpo": {**DPO, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-          "dpo-trdpo": {**DPO, "sync_ref_model": True, "ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 4}}
+          "dpo-trdpo": {**DPO, "sync_ref_model": True, "ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 4},
+          "kto-apo": {**METHOD_PARAMS["kto"], "loss_type": "apo_zero_unpaired"},
+          "cpo-hinge": {**METHOD_PARAMS["cpo"], "loss_type": "hinge"},
+          "simpo-alphapo": {**METHOD_PARAMS["simpo"], "alphapo_alpha": 0.25}}
+TRL_NAMES = {"gamma": "simpo_gamma", "lambda": "beta", "alphapo_alpha": "alpha"}  # the config's name -> TRL's
 
 
 @pytest.mark.parametrize("variant", list(PARAMS))
@@ -100,10 +104,11 @@ def test_each_preference_method_learns(tiny_model, pref_pairs, tmp_path, variant
     method = variant.split("-")[0]
     settings = {**SETTINGS, "params": PARAMS[variant]}
     trainer = train.build_trainer(method, pref_pairs, str(tiny_model), settings, str(tmp_path))
-    if method == "dpo":  # every parameter reaches TRL's config as it was set
-        given = {**PARAMS[variant], "loss_type": [PARAMS[variant]["loss_type"]] if isinstance(
-            PARAMS[variant]["loss_type"], str) else PARAMS[variant]["loss_type"]}
-        assert {name: getattr(trainer.args, name) for name in given} == given
+    # Every parameter reaches TRL's config as it was set (DPOConfig holds loss_type as a list).
+    given = {TRL_NAMES.get(name, name): value for name, value in PARAMS[variant].items()}
+    if method == "dpo" and isinstance(given["loss_type"], str):
+        given["loss_type"] = [given["loss_type"]]
+    assert {name: getattr(trainer.args, name) for name in given} == given
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 10 and logs[-1]["loss"] < logs[0]["loss"]
@@ -186,7 +191,7 @@ def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
 
 @pytest.mark.parametrize("override,message", [
     ("pref.gamma=0.5", "pref.gamma does not apply to method dpo; it is a parameter of simpo"),
-    ("pref.loss_type=hinge pref.method=kto", "pref.loss_type does not apply to method kto; it is a parameter of dpo"),
+    ("pref.loss_type=hinge pref.method=ipo", "pref.loss_type does not apply to method ipo; it is a parameter of dpo, kto, cpo"),
     ("pref.lambda=0.2 pref.method=simpo", "pref.lambda does not apply to method simpo; it is a parameter of orpo"),
     ("pref.desirable_weight=2 search.method=[dpo,cpo]", "does not apply to method dpo / cpo; it is a parameter of kto"),
     ("resources.strategy=fsdp", "fsdp needs GPU workers"),
@@ -199,6 +204,10 @@ def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
     ("pref.sync_ref_model=true pref.precompute_ref_log_probs=true", "cannot be precomputed"),
     ("pref.sync_ref_model=true pref.lora.r=8", "with pref.lora the reference"),
     ("pref.method=cpo pref.ld_alpha=0.5", "ld_alpha does not apply to method cpo; it is a parameter of dpo"),
+    ("pref.method=kto pref.loss_type=hinge", "'hinge' is not a loss of kto; choose one of kto, apo_zero"),
+    ("search.method=[dpo,cpo] pref.loss_type=robust", "'robust' is not a loss of cpo"),
+    ("pref.method=cpo pref.loss_type=[sigmoid,hinge]", "only dpo sums several losses, not cpo"),
+    ("pref.method=kto pref.sync_ref_model=true pref.precompute_ref_log_probs=true", "cannot be precomputed"),
 ])
 def test_a_parameter_for_another_method_is_a_config_error(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -207,7 +216,7 @@ def test_a_parameter_for_another_method_is_a_config_error(override, message):
 
 def test_method_params_take_the_methods_defaults():
     cfg = load_config(None, ["pref.method=simpo", "pref.beta=2.5"])
-    assert cfg.pref.method_params() == {"beta": 2.5, "gamma": 1.0}
+    assert cfg.pref.method_params() == {"beta": 2.5, "gamma": 1.0, "alphapo_alpha": 0.0}
     assert load_config(None, ["pref.method=orpo", "pref.lambda=0.3"]).pref.method_params() == {"lambda": 0.3}
     grid = load_config(None, ["search.method=[dpo,kto]", "search.num_pairs=[4,8]", "pref.beta=0.2"]).search_grid()
     assert [(p["method"], p["num_pairs"]) for p in grid] == [("dpo", 4), ("dpo", 8), ("kto", 4), ("kto", 8)]
