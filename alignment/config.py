@@ -362,6 +362,18 @@ class PrefConfig(TrainConfig):
 
     model_config = ConfigDict(populate_by_name=True)  # merged with _Strict's; `lambda` is a Python keyword
 
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, v: str | list[str] | None) -> str | list[str] | None:
+        # A name no method knows is reported with the config's other field errors; whether the methods in use
+        # take it is check_params' question.
+        known = sorted({name for names in LOSS_TYPES.values() for name in names})
+        for name in [v] if isinstance(v, str) else v or []:
+            if name not in known:
+                raise ValueError(f"unknown loss_type {name!r}; the methods' losses are "
+                                 + "; ".join(f"{m}: {', '.join(names)}" for m, names in LOSS_TYPES.items()))
+        return v
+
     def given_params(self) -> dict[str, Any]:
         """The method parameters set in the config (by their config names)."""
         names = {p for params in METHOD_PARAMS.values() for p in params}

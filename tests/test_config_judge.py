@@ -33,7 +33,7 @@ def test_bad_value_names_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
-    assert "select.k" in msg and "pref.loss_type" in msg and "unknown DPO loss_type 'dpo_plus'" in msg
+    assert "select.k" in msg and "pref.loss_type" in msg and "unknown loss_type 'dpo_plus'" in msg
 
 
 def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
