@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -482,6 +483,11 @@ class SearchConfig(_Strict):
         return v
 
 
+# A URI option whose name holds one of these carries a credential (pyarrow's access_key, secret_key, session_token).
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+CREDENTIALS = "credentials_in_uri"  # the error type: its message never repeats the value
+
+
 class ResourcesConfig(_Strict):
     ray_address: str | None = Field(
         None, description="Ray cluster to join; default: RAY_ADDRESS, or else an embedded local Ray."
@@ -495,10 +501,28 @@ class ResourcesConfig(_Strict):
     )
     cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str | None = Field(
-        None, description="Where Ray Train persists checkpoints (local path or cloud URI); default: the run directory."
+        None, description="Where Ray Train persists checkpoints (local path or cloud URI, with pyarrow's options: "
+        "s3://bucket/prefix?region=...); default: the run directory. Credentials come from the environment.",
     )
     cpus_per_trial: float = Field(0.5, ge=0, description="CPUs a search trial's driver holds (its stages ask for their own).")
     max_concurrent_trials: int = Field(1, ge=1)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # The URI is written into every manifest and checkpoint path: a key in it would be too.
+        if v and "://" in v:
+            from urllib.parse import parse_qsl, urlsplit
+
+            parts = urlsplit(v)
+            secret = [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)]
+            if parts.username or parts.password or secret:
+                raise PydanticCustomError(CREDENTIALS, "credentials in the storage URI ({which}) would be written into "
+                                          "manifests; give them through the environment (AWS_ACCESS_KEY_ID, "
+                                          "GOOGLE_APPLICATION_CREDENTIALS, ...) instead",
+                                          {"which": ", ".join((["user:password@"] if parts.username or parts.password
+                                                               else []) + secret)})
+        return v
 
 
 class ExperimentConfig(_Strict):
@@ -575,6 +599,8 @@ def _format_errors(err: ValidationError, where: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif e["type"] == CREDENTIALS:
+            lines.append(f"  {key}: {e['msg']}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -602,7 +628,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for key, value in pairs:
         _set_dotted(raw, key, value)
     if pairs:
-        where += " with overrides " + " ".join(overrides or [])
+        where += " with overrides " + " ".join(o if not o.strip().startswith("resources.storage_path=")
+                                                else "resources.storage_path=..." for o in overrides or [])
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:

@@ -37,10 +37,13 @@ def _resources(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def _storage(cfg: ExperimentConfig, stage_dir: Path) -> str:
     """Where Ray Train persists this stage's checkpoints: beside the manifest, or under resources.storage_path."""
+    from urllib.parse import urlsplit, urlunsplit
+
     if cfg.resources.storage_path is None:
         return str(stage_dir / "ray")
-    rel = stage_dir.relative_to(_run_dir(cfg))
-    return cfg.resources.storage_path.rstrip("/") + "/" + rel.as_posix()
+    rel = stage_dir.relative_to(_run_dir(cfg)).as_posix()
+    parts = urlsplit(cfg.resources.storage_path)  # a URI's options (?region=...) stay at its end
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + rel))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -494,7 +494,8 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
         raise result.error
     checkpoints = []
     for ckpt, metrics in result.best_checkpoints:
-        checkpoints.append({"step": int(metrics["step"]), "path": ckpt.path, "metrics": metrics})
+        checkpoints.append({"step": int(metrics["step"]), "path": storage_uri(storage_path, ckpt.path),
+                            "metrics": metrics})
     checkpoints.sort(key=lambda c: c["step"])
     missing = sorted(set(save_steps) - {c["step"] for c in checkpoints})
     if missing:
@@ -505,7 +506,25 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     last = checkpoints[-1]["metrics"]
     facts = {k: last[k] for k in ("strategy", "world_size", "device", "dtype", "weights", "backend", "lora") if k in last}
     return {"checkpoints": checkpoints, "history": history, "facts": facts,
-            "tensorboard": checkpoints[-1]["path"].rstrip("/") + "/tensorboard"}
+            "tensorboard": storage_uri(storage_path, latest.path.rstrip("/") + "/tensorboard")}
+
+
+def storage_uri(storage_path: str, fs_path: str) -> str:
+    """A path that Ray Train reports on the storage's file system, as a URI every stage can open.
+
+    Ray gives checkpoint paths with the URI's scheme and options stripped (``bucket/prefix/checkpoint_...`` for
+    ``s3://bucket/prefix?region=...``), which would read as a relative local path; on local storage the path
+    is already what it is.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(storage_path)
+    if len(parts.scheme) < 2 or parts.scheme == "file":  # a local path (a Windows drive letter is no scheme)
+        return fs_path
+    query = f"?{parts.query}" if parts.query else ""
+    if parts.netloc and not fs_path.startswith(parts.netloc):  # hdfs://host:port/path: the path is /path
+        return f"{parts.scheme}://{parts.netloc}/{fs_path.lstrip('/')}{query}"
+    return f"{parts.scheme}://{fs_path}{query}"
 
 
 def train_settings(section: dict[str, Any], seed: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -18,6 +18,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# The S3 test's endpoint is moto's server on the loopback (s3_storage); every process that reaches it, Ray's
+# workers included, takes these dummy credentials from the environment they inherit, so no AWS client here ever
+# looks for others (the instance-metadata service is off).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 WORDS = ("the a model answer question data learn align prefer chosen rejected helpful honest harmless short long "
          "python code write explain list three ways improve sleep time stress health water tree river city "
@@ -87,6 +93,23 @@ def ray_local(tmp_path_factory):
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_storage():
+    """``(uri, filesystem)``: a bucket on an S3 endpoint on the loopback (moto's server, in this process), as
+    a cloud storage URI with pyarrow's options, and the pyarrow file system to look into it."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    uri = f"s3://alignment-test/runs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    fs, _ = pafs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
+    fs.create_dir("alignment-test")
+    yield uri, fs
+    server.stop()
 
 
 @pytest.fixture()

@@ -124,3 +124,12 @@ def test_report_plot_names_only_what_the_search_varied(tmp_path):
     assert report.bar_labels(wider, ", ")[:2] == ["k=16, step=3, method=dpo", "k=16, step=3, method=kto"]
     png = report.plot(wider, "win_rate", tmp_path / "winrate.png")  # eight bars: on their side
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("uri,which", [("s3://AKIA:hunter2@bucket/runs", "user:password@"),
+                                       ("s3://bucket/runs?region=eu-west-1&secret_key=hunter2", "secret_key")])
+def test_credentials_in_the_storage_uri_are_refused_and_never_echoed(uri, which):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"resources.storage_path={uri}", "run_dir=/tmp/x"])
+    assert f"credentials in the storage URI ({which})" in str(e.value) and "hunter2" not in str(e.value)
+    assert load_config(None, ["resources.storage_path=s3://bucket/runs?region=eu-west-1"]).resources.storage_path

@@ -96,6 +96,37 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert Path(pipeline.report_only(cfg)["markdown"]).read_text() == report
 
 
+def test_checkpoints_on_cloud_storage_are_where_every_later_stage_loads_them(ray_local, tmp_path, tiny_model,
+                                                                             s3_storage):
+    """resources.storage_path on S3 (an endpoint on the loopback): Ray Train persists the checkpoints there and
+    reports them without the URI's scheme and options; the manifests hold them as URIs, and preference tuning
+    and generation load them from there. Nothing is checkpointed in the run directory."""
+    import pyarrow.fs as pafs
+
+    uri, fs = s3_storage
+    exp = tiny_experiment(tmp_path, tiny_model)
+    exp["data"]["max_eval_prompts"] = 2
+    exp["resources"]["storage_path"] = uri
+    cfg = load_config(write_config(tmp_path, exp))
+    run = Path(cfg.run_dir)
+    point = pipeline.run_point(cfg, 8, 2)
+    assert point["prompts"] == 2 and "error" not in point
+    (sft,) = manifests(run, "sft")
+    (pref,) = manifests(run, "pref")
+    options = uri.split("?", 1)[1]
+    paths = [c["path"] for c in sft["outputs"]["checkpoints"]] + [pref["outputs"]["model"]]
+    assert all(p.startswith("s3://alignment-test/runs/") and p.endswith("?" + options) for p in paths), paths
+    for p in paths:
+        _, key = pafs.FileSystem.from_uri(p)
+        assert fs.get_file_info(key + "/model.safetensors").type == pafs.FileType.File
+    assert pref["outputs"]["start"]["checkpoint"] == paths[0]
+    assert sft["outputs"]["tensorboard"].startswith("s3://alignment-test/runs/sft/")
+    assert not list(run.glob("*/*/ray"))  # no checkpoint in the run directory
+    gens = {g["label"]: g for g in manifests(run, "generate")}
+    trained = next(g for label, g in gens.items() if label != "baseline")
+    assert len([json.loads(line) for line in open(trained["outputs"]["answers"])]) == 2
+
+
 def test_pref_on_the_model_itself_skips_sft(ray_local, tmp_path, tiny_model):
     exp = tiny_experiment(tmp_path, tiny_model)
     exp["pref"]["start_from"] = "base"

@@ -214,6 +214,16 @@ def test_a_parameter_for_another_method_is_a_config_error(override, message):
         load_config(None, override.split())
 
 
+def test_checkpoint_paths_from_ray_become_uris_of_their_storage():
+    # Ray Train reports a checkpoint on cloud storage by its path on that file system (scheme and options gone).
+    assert train.storage_uri("s3://b/runs/sft?region=x", "b/runs/sft/checkpoint_1") == \
+        "s3://b/runs/sft/checkpoint_1?region=x"
+    assert train.storage_uri("gs://b/p", "b/p/ck") == "gs://b/p/ck"
+    assert train.storage_uri("hdfs://namenode:8020/runs", "/runs/ck") == "hdfs://namenode:8020/runs/ck"
+    assert train.storage_uri("/local/runs", "/local/runs/ck") == "/local/runs/ck"
+    assert train.storage_uri("file:///local/runs", "/local/runs/ck") == "/local/runs/ck"
+
+
 def test_method_params_take_the_methods_defaults():
     cfg = load_config(None, ["pref.method=simpo", "pref.beta=2.5"])
     assert cfg.pref.method_params() == {"beta": 2.5, "gamma": 1.0, "alphapo_alpha": 0.0}
