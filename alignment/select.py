@@ -508,7 +508,7 @@ def _rows(shards: list[formats.Shard], fmt: str, s: dict[str, Any], tasks: int,
         # Ray Data's own estimate runs one shard task at a time here (its output budget); a shard is
         # seconds of CPU work, so let every CPU of the cluster read one (no more tasks than shards: Ray
         # warns of a concurrency it cannot use).
-        concurrency=tasks)
+        compute=ray.data.TaskPoolStrategy(size=tasks))
     if s.get("max_tokens") and over_long is None:
         ds = in_read_tasks(ds, check_length_batch, tasks, max_tokens=s["max_tokens"],
                            tokenizer_path=s["tokenizer"], chat_template=s.get("chat_template"))
@@ -522,7 +522,10 @@ def in_read_tasks(ds: Any, fn: Any, tasks: int, **kwargs: Any) -> Any:
     the rows' texts never cross the object store between reading and scoring, and each task reads and
     scores its shard on its own CPU. (A batch size here would make the fused task bundle that many shard
     descriptions: every shard in one task; benchmark (a).)"""
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", concurrency=tasks)
+    import ray
+
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow",
+                          compute=ray.data.TaskPoolStrategy(size=tasks))
 
 
 def _dedup(shards: list[formats.Shard], paths: list[str], fmt: str, s: dict[str, Any], batch_size: int,
@@ -594,7 +597,7 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     ds = add_scorers(_rows(shards, fmt, s, tasks, skip, over_long), s, batch_size, tasks)
     if s["selector"] == "top_k":
         # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
-        ds = ds.drop_columns(["messages"], concurrency=tasks)  # fused into the read tasks too
+        ds = ds.drop_columns(["messages"], compute=ray.data.TaskPoolStrategy(size=tasks))  # fused into the reads too
     ranking, selector = s["ranking"], s["selector"]
     top = TopK(k)
     n_read = n_valid = n_invalid = n_unscored = 0

@@ -187,7 +187,8 @@ def _trainer_classes(method: str):
 
         def dpo_args(p: dict[str, Any]) -> dict[str, Any]:
             if method == "ipo":
-                return {"beta": p["beta"], "loss_type": ["ipo"], "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
+                return {"beta": p["beta"], "loss_type": ["ipo"],
+                        "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
             losses = p["loss_type"]
             return {**{name: p[name] for name in DPO_CONFIG_PARAMS},
                     "loss_type": [losses] if isinstance(losses, str) else list(losses)}
@@ -201,9 +202,9 @@ def _trainer_classes(method: str):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         if method == "cpo":
-            return CPOConfig, CPOTrainer, lambda p: {"loss_type": p["loss_type"], "beta": p["beta"],
-                                                     "cpo_alpha": p["cpo_alpha"], "label_smoothing": p["label_smoothing"],
-                                                     "alpha": p["alphapo_alpha"]}
+            return CPOConfig, CPOTrainer, lambda p: {
+                "loss_type": p["loss_type"], "beta": p["beta"], "cpo_alpha": p["cpo_alpha"],
+                "label_smoothing": p["label_smoothing"], "alpha": p["alphapo_alpha"]}
         return CPOConfig, CPOTrainer, lambda p: {"loss_type": "simpo", "beta": p["beta"], "simpo_gamma": p["gamma"],
                                                  "cpo_alpha": 0.0, "alpha": p["alphapo_alpha"]}
     if method == "orpo":
