@@ -102,7 +102,7 @@ def add_deita_vllm(ds: Any, d: dict[str, Any], columns: list[str]) -> Any:
         ids = _score_ids(model)
         carry = columns + [KEY, "_turn", "_turns", "_prompt", "_fail"]
         config = vLLMEngineProcessorConfig(
-            model_source=models.materialize(model),
+            model_source=models.engine_source(model),  # a cloud URI is fetched on each GPU node
             engine_kwargs={"max_logprobs": d["logprobs"], "max_model_len": d["max_length"] + 8,
                            **d["vllm_engine_kwargs"]},
             concurrency=d["num_actors"], batch_size=d["batch_size"],

@@ -75,7 +75,7 @@ def _generate_vllm(model: str, prompts: list[dict], g: dict[str, Any]) -> list[d
     from . import models
 
     config = vLLMEngineProcessorConfig(
-        model_source=models.materialize(model),
+        model_source=models.engine_source(model),  # a cloud URI is fetched on each GPU node
         engine_kwargs={"enable_prefix_caching": True, **g.get("vllm_engine_kwargs", {})},
         concurrency=g["num_actors"],
         batch_size=g["batch_size"],

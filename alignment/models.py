@@ -124,12 +124,50 @@ def materialize(path: str) -> str:
         local_dir = cache_dir() / "remote" / hashlib.sha256(path.encode()).hexdigest()[:16]
         with FileLock(str(local_dir) + ".lock"):
             if not ((local_dir / "config.json").is_file() or (local_dir / "adapter_config.json").is_file()):
+                # Into a fresh directory, renamed when complete: a download cut short is never taken for a model.
+                part = local_dir.with_name(local_dir.name + ".part")
+                shutil.rmtree(part, ignore_errors=True)
+                part.mkdir(parents=True)
                 fs, p = pafs.FileSystem.from_uri(path)
-                pafs.copy_files(p, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                pafs.copy_files(p, str(part), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                shutil.rmtree(local_dir, ignore_errors=True)
+                part.rename(local_dir)
         local = str(local_dir)
     if (Path(local) / "adapter_config.json").is_file() and not (Path(local) / "config.json").is_file():
         return merge_adapter(local)
     return local
+
+
+# Checkpoint URIs that Ray Data LLM's vLLM stage downloads on each of its nodes itself (ray.llm's cloud utilities).
+ENGINE_FETCHES = ("s3://", "gs://", "abfss://", "azure://")
+
+
+def engine_source(path: str) -> str:
+    """The model as an engine whose actors run on other nodes should get it (vLLM through ``ray.data.llm``).
+
+    A full model's ``s3://``, ``gs://`` or Azure URI stays as it is, so that every GPU node downloads it itself.
+    Anything else goes through :func:`materialize` on this node: a LoRA checkpoint (merged into its base here),
+    a URI with pyarrow's options (``?region=...``, which ray.data.llm does not take), a local path or a hub id.
+    A checkpoint made local here is said in the log: engines on other nodes then need that path on a shared
+    file system.
+    """
+    if path.startswith(ENGINE_FETCHES) and "?" not in path and _remote_full_model(path):
+        return path
+    local = materialize(path)
+    if "://" in path:
+        log.warning("%s is loaded from %s on this node: engines on other nodes need that path on a shared file "
+                    "system (a full model's URI without options is fetched on each node instead)", path, local)
+    return local
+
+
+def _remote_full_model(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, p = pafs.FileSystem.from_uri(uri)
+        return fs.get_file_info(p.rstrip("/") + "/config.json").type == pafs.FileType.File
+    except (OSError, ValueError):  # a scheme pyarrow cannot open here (materialize then says what is wrong)
+        return False
 
 
 def merge_adapter(adapter_dir: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pathlib import Path
 
 from alignment import models
 
@@ -67,3 +68,25 @@ def test_a_template_without_generation_markers_is_a_clear_error(tiny_model):
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(models.ModelError, match="model.chat_template"):
         models.training_chat_template(tok)
+
+
+def test_vllm_gets_a_cloud_checkpoint_as_its_uri_and_anything_else_local(tiny_model, s3_storage, tmp_path,
+                                                                          monkeypatch):
+    """ray.data.llm downloads an s3:// model on each GPU node itself, so a full model's URI is passed on as it
+    is; a URI with pyarrow's options (which ray.data.llm does not take) is downloaded here, once."""
+    import pyarrow.fs as pafs
+
+    uri, fs = s3_storage
+    monkeypatch.setenv("ALIGNMENT_CACHE", str(tmp_path / "cache"))
+    bucket_dir, options = uri.split("?", 1)
+    pafs.copy_files(str(tiny_model), bucket_dir.removeprefix("s3://") + "/engine/model", destination_filesystem=fs)
+    with_options = f"{bucket_dir}/engine/model?{options}"
+    local = models.engine_source(with_options)
+    assert local.startswith(str(tmp_path / "cache" / "remote")) and (tmp_path / "cache" / "remote").is_dir()
+    assert sorted(p.name for p in (Path(local)).iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+    # Without options, the endpoint comes from the environment, as on a cluster's nodes.
+    host = dict(kv.split("=") for kv in options.split("&"))["endpoint_override"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert models.engine_source(f"{bucket_dir}/engine/model") == f"{bucket_dir}/engine/model"
+    assert models.engine_source(str(tiny_model)) == str(tiny_model)
