@@ -15,8 +15,8 @@ from typing import Any
 STAGES = {
     "select": "score the instruction data and keep k rows (select.k, select.selector)",
     "sft": "supervised fine-tuning on the selected rows, keeping every checkpoint of sft.save_steps / sft.save_at",
-    "pref": "preference tuning (pref.method: dpo, ipo, kto, cpo, simpo, orpo) from pref.start_from: the SFT "
-            "checkpoint pref.sft_step, model.base or model.instruct",
+    "pref": "preference tuning (pref.method: dpo, ipo, kto, cpo, simpo, orpo; pref.loss_type: the method's TRL "
+            "losses) from pref.start_from: the SFT checkpoint pref.sft_step, model.base or model.instruct",
     "generate": "answers of the trained model and of the baseline to the eval prompts",
     "judge": "pairwise judgement of the trained model against the baseline, in both orders",
     "search": "Ray Tune grid over search.k x sft_step x method x num_pairs, each trial a full pipeline run",
