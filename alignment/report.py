@@ -58,8 +58,12 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     steps = sorted({r["sft_step"] for r in results}, key=lambda s: (isinstance(s, str), s))
     lines = sorted({(r["k"], r.get("method"), r.get("num_pairs")) for r in results}, key=str)
-    for k, method, n in lines:
-        pts = [(steps.index(r["sft_step"]), r.get(metric)) for r in results
+    # Lines side by side by a few hundredths of a step, so that equal values (common on small eval sets) do not
+    # hide one another.
+    dodge = 0.04 if len(lines) > 1 else 0.0
+    for i, (k, method, n) in enumerate(lines):
+        shift = dodge * (i - (len(lines) - 1) / 2)
+        pts = [(steps.index(r["sft_step"]) + shift, r.get(metric)) for r in results
                if (r["k"], r.get("method"), r.get("num_pairs")) == (k, method, n)]
         pts = [(x, y) for x, y in sorted(pts) if y is not None and not math.isnan(y)]
         label = f"k = {k}" + (f", {method}" if len({x[1] for x in lines}) > 1 else "") \
