@@ -488,6 +488,17 @@ SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 CREDENTIALS = "credentials_in_uri"  # the error type: its message never repeats the value
 
 
+def uri_credentials(value: str | None) -> list[str]:
+    """What in a URI is a credential: ``user:password@`` and options such as ``secret_key``."""
+    if not value or "://" not in value:
+        return []
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(value)
+    return ((["user:password@"] if parts.username or parts.password else [])
+            + [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)])
+
+
 class ResourcesConfig(_Strict):
     ray_address: str | None = Field(
         None, description="Ray cluster to join; default: RAY_ADDRESS, or else an embedded local Ray."
@@ -511,17 +522,11 @@ class ResourcesConfig(_Strict):
     @classmethod
     def _no_credentials(cls, v: str | None) -> str | None:
         # The URI is written into every manifest and checkpoint path: a key in it would be too.
-        if v and "://" in v:
-            from urllib.parse import parse_qsl, urlsplit
-
-            parts = urlsplit(v)
-            secret = [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)]
-            if parts.username or parts.password or secret:
-                raise PydanticCustomError(CREDENTIALS, "credentials in the storage URI ({which}) would be written into "
-                                          "manifests; give them through the environment (AWS_ACCESS_KEY_ID, "
-                                          "GOOGLE_APPLICATION_CREDENTIALS, ...) instead",
-                                          {"which": ", ".join((["user:password@"] if parts.username or parts.password
-                                                               else []) + secret)})
+        found = uri_credentials(v)
+        if found:
+            raise PydanticCustomError(CREDENTIALS, "credentials in the storage URI ({which}) would be written into "
+                                      "manifests; give them through the environment (AWS_ACCESS_KEY_ID, "
+                                      "GOOGLE_APPLICATION_CREDENTIALS, ...) instead", {"which": ", ".join(found)})
         return v
 
 
@@ -628,8 +633,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for key, value in pairs:
         _set_dotted(raw, key, value)
     if pairs:
-        where += " with overrides " + " ".join(o if not o.strip().startswith("resources.storage_path=")
-                                                else "resources.storage_path=..." for o in overrides or [])
+        where += " with overrides " + " ".join(o.split("=", 1)[0] + "=..." if uri_credentials(o.split("=", 1)[-1])
+                                                else o for o in overrides or [])
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:

@@ -41,8 +41,11 @@ def _storage(cfg: ExperimentConfig, stage_dir: Path) -> str:
 
     if cfg.resources.storage_path is None:
         return str(stage_dir / "ray")
+    root = cfg.resources.storage_path
     rel = stage_dir.relative_to(_run_dir(cfg)).as_posix()
-    parts = urlsplit(cfg.resources.storage_path)  # a URI's options (?region=...) stay at its end
+    if "://" not in root:  # a local path ('?' and '#' are plain characters there)
+        return root.rstrip("/") + "/" + rel
+    parts = urlsplit(root)  # a URI's options (?region=...) stay at its end
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + rel))
 
 

@@ -167,15 +167,6 @@ def _peft_config(lora: dict[str, Any] | None):
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
-# The dpo method's parameters (config.METHOD_PARAMS) that go to DPOConfig under the same names (and loss_type).
-DPO_CONFIG_PARAMS = ("beta", "loss_weights", "label_smoothing", "precompute_ref_log_probs", "ld_alpha", "use_weighting",
-                     "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "sync_ref_model",
-                     "ref_model_mixup_alpha", "ref_model_sync_steps")
-# The kto method's parameters, KTOConfig's names.
-KTO_CONFIG_PARAMS = ("beta", "loss_type", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs",
-                     "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
-
-
 def _trainer_classes(method: str):
     """(config class, trainer class, method-specific config arguments from the settings)."""
     if method == "sft":
@@ -189,15 +180,15 @@ def _trainer_classes(method: str):
             if method == "ipo":
                 return {"beta": p["beta"], "loss_type": ["ipo"],
                         "precompute_ref_log_probs": p["precompute_ref_log_probs"]}
+            # Every dpo parameter (config.METHOD_PARAMS) is DPOConfig's own, by the same name.
             losses = p["loss_type"]
-            return {**{name: p[name] for name in DPO_CONFIG_PARAMS},
-                    "loss_type": [losses] if isinstance(losses, str) else list(losses)}
+            return {**p, "loss_type": [losses] if isinstance(losses, str) else list(losses)}
 
         return DPOConfig, DPOTrainer, dpo_args
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        return KTOConfig, KTOTrainer, lambda p: {name: p[name] for name in KTO_CONFIG_PARAMS}
+        return KTOConfig, KTOTrainer, lambda p: dict(p)  # every kto parameter is KTOConfig's own, by the same name
     if method in ("cpo", "simpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -520,7 +511,7 @@ def storage_uri(storage_path: str, fs_path: str) -> str:
     from urllib.parse import urlsplit
 
     parts = urlsplit(storage_path)
-    if len(parts.scheme) < 2 or parts.scheme == "file":  # a local path (a Windows drive letter is no scheme)
+    if "://" not in storage_path or parts.scheme == "file":  # local storage: the path is the path
         return fs_path
     query = f"?{parts.query}" if parts.query else ""
     if parts.netloc and not fs_path.startswith(parts.netloc):  # hdfs://host:port/path: the path is /path
