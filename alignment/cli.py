@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from typing import Any
 
 STAGES = {
@@ -41,6 +42,7 @@ def _stage(name: str, cfg) -> Any:
     from . import pipeline as p
     from .ray_env import ensure_ray
 
+    p.preflight(cfg, name)  # a wrong path or model name fails here, in a second, before Ray starts
     ensure_ray(cfg.resources.ray_address, cfg.resources.num_cpus)
     if name == "select":
         return _summary(p.select_stage(cfg))
@@ -62,7 +64,7 @@ def _stage(name: str, cfg) -> Any:
         path = p.write_search_results(cfg, results, timings)
         failed = [r for r in results if r.get("error")]
         if failed:
-            raise p.PipelineError(f"{len(failed)} of {len(results)} search trials failed; results in {path}")
+            raise p.search_error(f"{len(failed)} of {len(results)} search trials failed (results: {path})", failed)
         return {"results": results, "written": str(path)}
     if name == "report":
         return p.report_only(cfg)
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Data-efficient alignment on Ray: select -> SFT -> preference tuning -> generate -> judge, "
         "searched over k, the SFT step, the method and the training-set size. Outputs and manifests go to run_dir; "
         "finished stages are skipped.",
+        epilog="Exit codes: 0 done; 1 the run failed; 2 the config, the data or a model cannot be used (paths, "
+        "globs and model names are checked before Ray starts). An error is one 'error:' line; -v adds its traceback.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .config import ConfigError
-    from .formats import DataError
-    from .generate import GenerationError
-    from .models import ModelError
-    from .pipeline import PipelineError
-    from .select import SelectError
+    from .errors import AlignmentError, unwrap
 
     try:
         if args.command == "models":
@@ -128,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         _print(_stage(args.command, cfg))
         return 0
-    except (ConfigError, DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (PipelineError, SelectError, GenerationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        known = unwrap(e)  # the project's own error inside one a Ray task, worker or trial wrapped
+        if not isinstance(known, AlignmentError):
+            raise  # a bug: it keeps its traceback
+        if args.verbose:
+            traceback.print_exception(e)
+        print(f"error: {known}", file=sys.stderr)
+        return known.exit_code
 
 
 if __name__ == "__main__":

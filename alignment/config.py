@@ -7,6 +7,7 @@ dotted keys (``sft.max_steps=20``); their values are parsed as YAML (``search.k=
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -14,8 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .endpoints import Retry
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A config that cannot be used, with the file and the key that are wrong."""
 
 
@@ -119,7 +123,27 @@ class RatingConfig(ActorPoolConfig):
     api_base_env: str = Field("OPENAI_BASE_URL", description="Environment variable holding the endpoint URL.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
     concurrency: int = Field(8, ge=1, description="openai backend: requests in flight per Ray Data task.")
+    tasks: int = Field(
+        2, ge=1, description="openai backend: Ray Data tasks sending requests at a time, so that at most tasks x "
+        "concurrency requests are in flight.",
+    )
     timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(
+        Retry.max_retries, ge=0, description="openai backend: tries after the first for a request that failed with "
+        "HTTP 408, 429 or 5xx, a timeout or a connection error, each after an exponential, jittered wait (the "
+        "endpoint's Retry-After where it sends one; at most a minute).",
+    )
+    retry_backoff_s: float = Field(
+        Retry.backoff_s, ge=0, description="openai backend: the first retry waits up to this long, each next one up "
+        "to twice as long.",
+    )
+    max_failed_fraction: float = Field(
+        0.01, ge=0, le=1, description="openai backend: the select stage fails, and is not kept as finished, when more "
+        "than this fraction of the rows' requests still failed after their retries; under it, those rows are set aside "
+        "unscored. Small but not 0: a few rows of a large pool left unscored barely change the selection, and one "
+        "unlucky request does not stop the run. A re-run sends only the failed rows' requests. An unparsed rating is "
+        "not a failure.",
+    )
 
 
 class DedupConfig(_Strict):
@@ -460,6 +484,21 @@ class JudgeConfig(_Strict):
         None, description="Model whose answers the trained model is compared with; default: model.base."
     )
     timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(
+        Retry.max_retries, ge=0, description="openai backend: tries after the first for a request that failed with "
+        "HTTP 408, 429 or 5xx, a timeout or a connection error, each after an exponential, jittered wait (the "
+        "endpoint's Retry-After where it sends one; at most a minute).",
+    )
+    retry_backoff_s: float = Field(
+        Retry.backoff_s, ge=0, description="openai backend: the first retry waits up to this long, each next one up "
+        "to twice as long.",
+    )
+    max_failed_fraction: float = Field(
+        0.0, ge=0, le=1, description="openai backend: the judge stage fails, and is not kept as finished, when more "
+        "than this fraction of its requests still failed after their retries. 0: a failed request leaves its prompt "
+        "out of the rates, so the point would be judged on other prompts than the rest of the search. A re-run sends "
+        "only the failed requests. An unparsed judgement is not a failure.",
+    )
 
 
 class SearchConfig(_Strict):
@@ -486,6 +525,8 @@ class SearchConfig(_Strict):
 # A URI option whose name holds one of these carries a credential (pyarrow's access_key, secret_key, session_token).
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 CREDENTIALS = "credentials_in_uri"  # the error type: its message never repeats the value
+CREDENTIALS_MESSAGE = ("credentials in the URI ({which}) would be written into manifests and logs; give them through "
+                       "the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, ...) instead")
 
 
 def uri_credentials(value: str | None) -> list[str]:
@@ -524,9 +565,7 @@ class ResourcesConfig(_Strict):
         # The URI is written into every manifest and checkpoint path: a key in it would be too.
         found = uri_credentials(v)
         if found:
-            raise PydanticCustomError(CREDENTIALS, "credentials in the storage URI ({which}) would be written into "
-                                      "manifests; give them through the environment (AWS_ACCESS_KEY_ID, "
-                                      "GOOGLE_APPLICATION_CREDENTIALS, ...) instead", {"which": ", ".join(found)})
+            raise PydanticCustomError(CREDENTIALS, CREDENTIALS_MESSAGE, {"which": ", ".join(found)})
         return v
 
 
@@ -550,10 +589,11 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
         steps = self.sft.checkpoint_steps()
-        for s in [self.pref.sft_step, *(self.search.sft_step or [])]:
+        chosen = [("pref.sft_step", self.pref.sft_step), *(("search.sft_step", x) for x in self.search.sft_step or [])]
+        for key, s in chosen:
             if self.pref.start_from == "sft" and s != "last" and s not in steps:
                 raise ValueError(
-                    f"SFT step {s} is never saved; saved steps are {steps} (set sft.save_steps or sft.save_at)"
+                    f"{key}: SFT step {s} is never saved; saved steps are {steps} (set sft.save_steps or sft.save_at)"
                 )
         self.pref.check_params(self.search.method or [self.pref.method])
         if self.resources.strategy == "fsdp" and not self.resources.use_gpu:
@@ -588,33 +628,87 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong in YAML and where, without the text around it (which may hold a credential)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. sft.max_steps=20)")
+            shown = "an argument with a credential" if _credentials(item) else repr(item)
+            raise ConfigError(f"override {shown} is not of the form key.path=value (e.g. sft.max_steps=20)")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+        key = key.strip()
+        try:
+            out.append((key, yaml.safe_load(raw) if raw != "" else None))
+        except yaml.YAMLError as e:
+            problem = "" if "://" in raw else f": {_yaml_problem(e)}"  # a URI's text may be in the problem
+            raise ConfigError(f"override {key}: the value is not valid YAML{problem}; write a list as [a, b] and "
+                              "quote a string that holds YAML's special characters") from None
     return out
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _credentials(value: str) -> list[str]:
+    try:
+        return uri_credentials(value)
+    except ValueError:  # not a URI after all (urlsplit refuses it)
+        return []
+
+
+def _shown(key: str, value: Any) -> bool:
+    """Whether an error may repeat ``value``: a short scalar, never one that carries or may be a credential."""
+    if isinstance(value, str):
+        return (len(value) <= 80 and not _credentials(value)
+                and not (key.endswith("_env") and not _ENV_NAME.fullmatch(value)))
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _secrets(raw: Any, key: str = "") -> list[str]:
+    """An error line for every key of the raw config whose value carries a credential (never the value): a URI
+    with a password or a key option anywhere (data, models, storage, ...), or a key where an ``*_env`` key
+    wants the name of the environment variable that holds it."""
+    if isinstance(raw, dict):
+        return [line for k, v in raw.items() for line in _secrets(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(raw, list):
+        return [line for i, v in enumerate(raw) for line in _secrets(v, f"{key}[{i}]")]
+    if not isinstance(raw, str):
+        return []
+    found = _credentials(raw)
+    if found:
+        return [f"  {key}: " + CREDENTIALS_MESSAGE.format(which=", ".join(found))]
+    if key.endswith("_env") and not _ENV_NAME.fullmatch(raw):
+        return [f"  {key}: expected the name of an environment variable; the URL or key itself goes into that "
+                "variable, never into the config"]
+    return []
+
+
 def _format_errors(err: ValidationError, where: str) -> str:
+    """One line per bad key. A value is repeated only when short and free of credentials; a section or the
+    whole config never is (a cross-field check names its keys in its message)."""
     lines = [f"invalid config {where}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
-        elif e["type"] == CREDENTIALS:
-            lines.append(f"  {key}: {e['msg']}")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = e["type"] != CREDENTIALS and _shown(key, got)
+        lines.append(f"  {key + ': ' if key else ''}{msg}" + (f" (got {got!r})" if shown else ""))
     return "\n".join(lines)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment, apply ``key.path=value`` overrides, validate.
 
-    Raises ConfigError naming the file and every bad key.
+    Raises ConfigError naming the file and every bad key, never a credential in it.
     """
     raw: dict[str, Any] = {}
     where = "(defaults)"
@@ -626,15 +720,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+            raise ConfigError(f"{p} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
     pairs = parse_overrides(overrides or [])
     for key, value in pairs:
         _set_dotted(raw, key, value)
     if pairs:
-        where += " with overrides " + " ".join(o.split("=", 1)[0] + "=..." if uri_credentials(o.split("=", 1)[-1])
-                                                else o for o in overrides or [])
+        texts = [o.split("=", 1)[1] for o in overrides or []]
+        shown = [f"{k}={text}" if _shown(k, text) and not _secrets(v, k) else f"{k}=..."
+                 for (k, v), text in zip(pairs, texts)]
+        where += " with overrides " + " ".join(shown)
+    secrets = _secrets(raw)
+    if secrets:
+        raise ConfigError("\n".join([f"invalid config {where}:", *secrets]))
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:

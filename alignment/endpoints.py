@@ -1,25 +1,134 @@
-"""Clients for OpenAI-compatible chat-completions endpoints (judges, raters). Keys come from the environment,
-are read at call time, and never reach logs, manifests or reports."""
+"""Clients for OpenAI-compatible chat-completions endpoints (judges, raters). Keys come from the environment
+and never reach logs, manifests or reports: every error text that leaves this module is scrubbed of the key.
+
+A request that failed in a way a later try may not (HTTP 408, 429, 5xx, a timeout, a refused or dropped
+connection) is sent again after an exponential, jittered wait (the endpoint's ``Retry-After`` where it sends
+one), a bounded number of times; other failures (another 4xx, an answer that is not a chat completion) are
+not. A request that still fails comes back with ``error`` (short, scrubbed) and ``error_kind``
+(``connection``, ``timeout``, ``http 429``, ``bad response``, ...), never with a made-up answer.
+"""
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
+import http.client
 import json
+import logging
 import os
+import random
+import re
+import threading
+import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import timezone
+from pathlib import Path
+
+from .errors import AlignmentError
+
+log = logging.getLogger("alignment")
 
 
-class GenerationError(RuntimeError):
+class GenerationError(AlignmentError, RuntimeError):
     pass
 
 
-def _post_json(url: str, payload: dict, api_key: str | None, timeout: float) -> dict:
+@dataclass(frozen=True)
+class Retry:
+    """How often, and after how long a wait, a failed request is sent again."""
+
+    max_retries: int = 5  # tries after the first
+    backoff_s: float = 1.0  # the first wait is up to this long, each next one up to twice as long (full jitter)
+    cap_s: float = 60.0  # no wait is longer, an endpoint's Retry-After included
+    # After this many requests in a row failed (each after its retries), the rest of the call is not sent:
+    # an endpoint that is down would otherwise cost every request its whole series of waits.
+    give_up_after: int = 16
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        """The wait before retry ``attempt + 1``: the endpoint's Retry-After, else full jitter."""
+        if retry_after is not None:
+            return min(self.cap_s, retry_after)
+        return rng.uniform(0.0, min(self.cap_s, self.backoff_s * 2 ** attempt))
+
+
+RETRIED_STATUS = (408, 429)  # and every 5xx
+NOT_SENT = "not sent"
+_MAX_ERROR_CHARS = 300
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """A ``Retry-After`` header in seconds (it holds seconds or an HTTP date); None when absent or unreadable."""
+    if not value or not value.strip():
+        return None
+    try:
+        return max(0.0, float(value.strip()))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+def scrub(text: str, api_key: str | None) -> str:
+    """``text`` with the key and any bearer token replaced by ``***``, cut to a few hundred characters."""
+    text = re.sub(r"(?i)bearer\s+\S+", "Bearer ***", text)
+    if api_key:
+        text = text.replace(api_key, "***")
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+class _Failure(Exception):
+    """One failed try: its kind, what went wrong, whether a later try may succeed, the endpoint's Retry-After."""
+
+    def __init__(self, kind: str, text: str, retry: bool, retry_after: float | None = None):
+        super().__init__(kind)
+        self.kind, self.text, self.retry, self.retry_after = kind, text, retry, retry_after
+
+
+def _http_failure(e: urllib.error.HTTPError) -> _Failure:
+    try:
+        body = e.read(500).decode("utf-8", "replace").strip()
+    except Exception:  # the body is only a detail of the error: its own failure is not the error
+        body = ""
+    after = retry_after_s(e.headers.get("Retry-After"), time.time()) if e.headers is not None else None
+    return _Failure(f"http {e.code}", f"{e.reason}" + (f": {body}" if body else ""),
+                    e.code in RETRIED_STATUS or 500 <= e.code < 600, after)
+
+
+def _post_once(url: str, payload: dict, api_key: str | None, timeout: float) -> dict:
+    """One try: the answer and its token count, or a :class:`_Failure`."""
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as e:
+        raise _http_failure(e) from None
+    except urllib.error.URLError as e:
+        timed_out = isinstance(e.reason, TimeoutError)
+        raise _Failure("timeout" if timed_out else "connection", str(e.reason), True) from None
+    except TimeoutError as e:
+        raise _Failure("timeout", str(e) or f"no answer within {timeout} s", True) from None
+    except (OSError, http.client.HTTPException) as e:  # reset, dropped or cut-short connections
+        raise _Failure("connection", f"{type(e).__name__}: {e}", True) from None
+    except ValueError as e:  # a request http.client refuses to send (its text may hold a header: scrubbed)
+        raise _Failure("request", f"{type(e).__name__}: {e}", False) from None
+    try:
+        body = json.loads(raw)
+        text = body["choices"][0]["message"]["content"] or ""
+        n = int((body.get("usage") or {}).get("completion_tokens") or 0)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise _Failure("bad response", f"{type(e).__name__}: {e}; body {raw[:200]!r}", False) from None
+    return {"answer": text.strip(), "num_new_tokens": n}
 
 
 class Endpoint:
@@ -31,27 +140,117 @@ class Endpoint:
         if not base:
             raise GenerationError(f"the endpoint URL is not set: export {base_url_env}=https://.../v1")
         self.url = base.rstrip("/") + "/chat/completions"
-        self._key = os.environ.get(api_key_env)
+        # A key pasted or read from a file often ends in a line break: stripped. One with whitespace or other
+        # characters inside it cannot go into a header (http.client's error would print the header, key
+        # included): refused, without showing it.
+        key = (os.environ.get(api_key_env) or "").strip()
+        if key and not (key.isascii() and key.isprintable() and not any(c.isspace() for c in key)):
+            raise GenerationError(f"the API key in {api_key_env} holds whitespace or characters other than printable "
+                                  "ASCII inside it; set it again without them (the key is not shown)")
+        self._key = key or None
 
     def __repr__(self) -> str:
         return f"Endpoint({self.url!r}, key={'***' if self._key else None})"
 
 
+def request_key(model: str, messages: list[dict], max_tokens: int) -> str:
+    """What a cached answer is filed under: a hash of the model and the whole request."""
+    text = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tokens: int, timeout: float = 120.0,
-                    workers: int = 8) -> list[dict]:
-    """Greedy chat completions from an OpenAI-compatible endpoint."""
+                    workers: int = 8, retry: Retry = Retry(), cache: dict[str, dict] | None = None,
+                    on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Greedy chat completions from an OpenAI-compatible endpoint, one per prompt, in the prompts' order:
+    ``id``, ``key`` (:func:`request_key`), ``answer``, ``num_new_tokens``, ``cached``, ``error`` and ``error_kind``
+    (None unless the request failed after its retries). A prompt whose key is in ``cache`` (key -> an earlier
+    answer) is answered from it, unsent. ``on_result`` sees each sent request's result in this thread as it
+    arrives, so that a caller can store answers before the rest are done. At most ``workers`` requests are in
+    flight."""
     url, api_key = endpoint.url, endpoint._key
+    rng = random.Random()
+    lock = threading.Lock()
+    streak = {"failed": 0, "last": ""}  # requests failed in a row (after their retries), and the last error
 
     def one(p: dict) -> dict:
         payload = {"model": model, "messages": p["messages"], "temperature": 0.0, "max_tokens": max_tokens}
-        try:
-            body = _post_json(url, payload, api_key, timeout)
-            text = body["choices"][0]["message"]["content"] or ""
-            n = int((body.get("usage") or {}).get("completion_tokens") or 0)
-            return {"id": p["id"], "answer": text.strip(), "num_new_tokens": n, "error": None}
-        except (urllib.error.URLError, TimeoutError, KeyError, IndexError, ValueError) as e:
-            # Never guessed: the caller counts an error as an unparsed answer. The key never appears in it.
-            return {"id": p["id"], "answer": "", "num_new_tokens": 0, "error": f"{type(e).__name__}: {e}"}
+        with lock:
+            if streak["failed"] >= retry.give_up_after:
+                why = f"the {streak['failed']} requests before it failed (last: {streak['last']})"
+                return {"answer": "", "num_new_tokens": 0, "error_kind": NOT_SENT, "error": f"{NOT_SENT}: {why}"}
+        for attempt in range(retry.max_retries + 1):
+            try:
+                res = {**_post_once(url, payload, api_key, timeout), "error": None, "error_kind": None}
+                with lock:
+                    streak["failed"] = 0
+                return res
+            except _Failure as f:
+                failure = f
+                if not f.retry or attempt == retry.max_retries:
+                    break
+                time.sleep(retry.delay(attempt, f.retry_after, rng))
+        error = scrub(f"{failure.kind}: {failure.text}", api_key)
+        with lock:
+            streak["failed"] += 1
+            streak["last"] = error
+        return {"answer": "", "num_new_tokens": 0, "error": error, "error_kind": failure.kind}
 
+    out: list[dict | None] = [None] * len(prompts)
+    todo = []
+    for i, p in enumerate(prompts):
+        key = request_key(model, p["messages"], max_tokens)
+        hit = (cache or {}).get(key)
+        if hit is None:
+            todo.append((i, key, p))
+        else:
+            out[i] = {"id": p["id"], "key": key, "answer": hit["answer"], "num_new_tokens": hit["num_new_tokens"],
+                      "cached": True, "error": None, "error_kind": None}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, prompts))
+        futures = {pool.submit(one, p): (i, key, p["id"]) for i, key, p in todo}
+        for fut in as_completed(futures):
+            i, key, pid = futures[fut]
+            out[i] = {"id": pid, "key": key, **fut.result(), "cached": False}
+            if on_result is not None:
+                on_result(out[i])
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ answers kept across runs
+
+
+def read_cache(path: Path) -> dict[str, dict]:
+    """The answers a stage stored in ``path`` (request key -> answer and tokens); none when it is absent. A
+    last line cut short by a killed run is left out: its request is sent again."""
+    cache: dict[str, dict] = {}
+    if not path.is_file():
+        return cache
+    cut = 0
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+                cache[r["key"]] = {"answer": r["answer"], "num_new_tokens": r.get("num_new_tokens", 0)}
+            except (ValueError, KeyError, TypeError):
+                cut += 1
+    if cut:
+        log.warning("%s: %d unreadable lines left out (a run killed while writing); those requests are sent again",
+                    path, cut)
+    return cache
+
+
+def cache_line(key: str, answer: str, num_new_tokens: int = 0) -> str:
+    return json.dumps({"key": key, "answer": answer, "num_new_tokens": num_new_tokens}) + "\n"
+
+
+def failure_message(what: str, failed: dict[str, int], total: int, first_error: str | None, setting: str,
+                    max_fraction: float, kept: int, cache_path: Path) -> str | None:
+    """Why a stage fails when more than ``max_fraction`` of its ``total`` requests failed (``failed``: kind ->
+    requests), else None: the counts by kind, the endpoint's first (scrubbed) error and how a re-run resumes."""
+    n = sum(failed.values())
+    if n == 0 or n <= max_fraction * total:
+        return None
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(failed.items(), key=lambda x: -x[1]))
+    return (f"the {what} endpoint failed {n} of {total} requests ({kinds}), more than {setting}={max_fraction} "
+            f"allows; first error: {first_error}. The {kept} answers received are kept in {cache_path}: run again "
+            "to send only the failed requests")

@@ -1,28 +1,36 @@
 """Instruction, preference and eval-prompt data: reading files and normalising rows to one schema.
 
-Every normalised row carries ``id`` (the input's own id where it has one, else ``<file name>:<row>``),
-``source`` (the file) and ``row`` (0-based index in the file), so each selected row traces back to its
-source. A row that cannot be normalised raises :class:`RowError` naming the field; readers turn that
-into a set-aside record instead of dropping the row.
+Every normalised row carries ``id`` (the input's own id where it has one, else ``<file label>:<row>``,
+the label being the file's name, or as much of its path as tells it from the other inputs: see
+:func:`file_labels`), ``source`` (the file) and ``row`` (0-based index in the file), so each selected row
+traces back to its source. A row that cannot be normalised raises :class:`RowError` naming the field;
+readers turn that into a set-aside record instead of dropping the row. A file that cannot be read at all
+raises :class:`DataError` naming it, when its shards are planned (on the driver, before any Ray task).
 
 Pure Python and pyarrow: no Ray here. The select stage maps :func:`read_shard` over shards in Ray Data.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import gzip
 import io
-import json
+import logging
 import os
 import re
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
+
+from .errors import InputError
 
 SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_response", "pairs", "hh_rlhf")
 PREFERENCE_FORMATS = ("pairs", "hh_rlhf", "unpaired")
@@ -36,8 +44,10 @@ _ROLE_MAP = {
 }
 _ID_KEYS = ("id", "question_id", "idx", "prompt_id")
 
+log = logging.getLogger("alignment")
 
-class DataError(ValueError):
+
+class DataError(InputError, ValueError):
     """A file or a source that cannot be read at all (missing, unknown format)."""
 
 
@@ -53,10 +63,20 @@ class RowError(ValueError):
 # --------------------------------------------------------------------------------------------- files
 
 
-def expand_paths(patterns: list[str]) -> list[str]:
-    """Files from paths, globs and directories (sorted, deduplicated); a pattern matching nothing is an error."""
+def expand_paths(patterns: list[str], exclude: list[str] | None = None) -> list[str]:
+    """Files from paths, globs and directories (sorted, deduplicated); a pattern matching nothing is an error.
+
+    An existing file is taken as it is ('[' in its name is no glob). What a directory or a glob finds under
+    a directory of ``exclude`` (the run directory: a stage's outputs are no input data) is left out; a file
+    named on its own is the user's choice and kept."""
     if not patterns:
         raise DataError("no data files given")
+    skip = [Path(e).resolve() for e in exclude or () if "://" not in str(e)]
+
+    def outside(f: str) -> bool:
+        r = Path(f).resolve()
+        return not any(r.is_relative_to(d) for d in skip)
+
     out: list[str] = []
     for pat in patterns:
         if pat.startswith(HF_PREFIX):
@@ -66,22 +86,32 @@ def expand_paths(patterns: list[str]) -> list[str]:
             out.append(pat)
             continue
         p = Path(pat)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and file_kind(str(f), strict=False))
+        if p.is_file():
+            out.append(str(p))
+        elif p.is_dir():
+            found = sorted(f for f in _walk(pat, skip) if file_kind(f, strict=False))
             if not found:
-                raise DataError(f"directory {pat} holds no .json, .jsonl or .parquet files")
+                where = (" outside the run directory"
+                         if skip and any(file_kind(f, strict=False) for f in _walk(pat, [])) else "")
+                raise DataError(f"directory {pat} holds no .json, .jsonl or .parquet files{where}")
             out.extend(found)
         elif any(c in pat for c in "*?["):
-            found = sorted(glob.glob(pat, recursive=True))
+            every = [f for f in glob.glob(pat, recursive=True) if os.path.isfile(f)]
+            found = sorted(f for f in every if outside(f))
             if not found:
-                raise DataError(f"glob {pat} matched no files")
+                raise DataError(f"glob {pat} matched no files" + (" outside the run directory" if every else ""))
             out.extend(found)
-        elif p.is_file():
-            out.append(str(p))
         else:
             raise DataError(f"data file not found: {pat}")
     seen: set[str] = set()
     return [f for f in out if not (f in seen or seen.add(f))]
+
+
+def _walk(top: str, skip: list[Path]) -> Iterator[str]:
+    """Every file under ``top``, not descending into the directories of ``skip``."""
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not any(Path(root, d).resolve().is_relative_to(s) for s in skip)]
+        yield from (str(Path(root, f)) for f in files)
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:
@@ -120,9 +150,18 @@ def hf_to_parquet(source: str, cache: Path | None = None) -> str:
     return str(out)
 
 
+def _uri_path(path: str) -> str:
+    """A URI's bucket and path, its scheme and ``?options`` left out (a local path as it is): what names the
+    file and tells its type."""
+    if "://" not in path:
+        return path
+    parts = urlsplit(path)
+    return parts.netloc + parts.path
+
+
 def file_kind(path: str, strict: bool = True) -> str | None:
-    """'jsonl', 'json' or 'parquet' from the file name (``.gz`` allowed for JSON)."""
-    name = path.lower()
+    """'jsonl', 'json' or 'parquet' from the file name (``.gz`` allowed for JSON; a URI's options aside)."""
+    name = _uri_path(path).lower()
     if name.endswith(".gz"):
         name = name[:-3]
     for ext, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet")):
@@ -133,14 +172,85 @@ def file_kind(path: str, strict: bool = True) -> str | None:
     return None
 
 
+def file_labels(paths: list[str]) -> dict[str, str]:
+    """Each file's label in fallback row ids: the shortest path suffix (whole folders) that tells it from the
+    other inputs of the same read: the file name when the names differ (``train.jsonl``), else ``a/train.jsonl``
+    and ``b/train.jsonl``. Never the absolute path: ids seed random scores and subsets, so they must be the
+    same wherever the data lies. A file written two ways (relative and absolute) keeps its path as given."""
+    parts = {p: [x for x in _uri_path(p).split("/") if x not in ("", ".")] for p in paths}
+    depth = dict.fromkeys(paths, 1)
+    while True:
+        labels = {p: "/".join(parts[p][-depth[p]:]) for p in paths}
+        counts = Counter(labels.values())
+        grow = [p for p in paths if counts[labels[p]] > 1 and depth[p] < len(parts[p])]
+        if not grow:
+            return {p: labels[p] if counts[labels[p]] == 1 else p for p in paths}
+        for p in grow:
+            depth[p] += 1
+
+
+def _gzipped(path: str) -> bool:
+    return _uri_path(path).endswith(".gz")
+
+
 def _open_bytes(path: str):
     if "://" in path:
         import pyarrow.fs as pafs
 
-        fs, p = pafs.FileSystem.from_uri(path)
+        fs, p = pafs.FileSystem.from_uri(path)  # takes the URI's options (?region=...) too
         f = fs.open_input_stream(p)
-        return gzip.open(f) if path.endswith(".gz") else f
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+        # pyarrow's streams read but cannot iterate lines: a buffered reader over them can.
+        return gzip.open(f) if _gzipped(path) else io.BufferedReader(f)
+    return gzip.open(path, "rb") if _gzipped(path) else open(path, "rb")
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        return pq.ParquetFile(fs.open_input_file(p))
+    return pq.ParquetFile(path)
+
+
+def _read_json(path: str) -> Any:
+    """The value of a JSON file (after a UTF-8 byte-order mark, if any); DataError naming the file if it is
+    not UTF-8 or not JSON."""
+    with _open_bytes(path) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def _json_rows(path: str) -> list[Any]:
+    """The rows of a JSON file: an array, or an object holding exactly one list (``{"data": [...]}``)."""
+    data = _read_json(path)
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON array of rows (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
+    return data
+
+
+def _is_json_lines(path: str) -> bool:
+    """Whether a file that is not one JSON value is JSON Lines: its first line alone is a JSON object."""
+    with _open_bytes(path) as f:
+        first = f.readline().removeprefix(codecs.BOM_UTF8)
+    try:
+        return isinstance(orjson.loads(first), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -152,47 +262,70 @@ class Shard:
     start: int
     stop: int | None  # None: to the end
     offset: int = -1  # JSONL: the byte offset of row ``start`` in an uncompressed file (-1: count lines instead)
+    label: str = ""  # the file's label in fallback ids (:func:`file_labels`); "" for its name
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "start": self.start, "stop": -1 if self.stop is None else self.stop,
-                "offset": self.offset}
+                "offset": self.offset, "label": self.label}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Shard":
         stop = int(d["stop"])
         return Shard(str(d["path"]), str(d["kind"]), int(d["start"]), None if stop < 0 else stop,
-                     int(d.get("offset", -1)))
+                     int(d.get("offset", -1)), str(d.get("label", "")))
+
+    @property
+    def name(self) -> str:
+        """What fallback ids start with."""
+        return self.label or os.path.basename(_uri_path(self.path))
 
 
 def plan_shards(paths: list[str], rows_per_shard: int = 50_000) -> list[Shard]:
-    """Split files into shards read in parallel. JSONL and Parquet split by row; a JSON array is one shard."""
+    """Split files into shards read in parallel. JSONL and Parquet split by row; a JSON array is one shard.
+
+    Every file is opened here, once, so that one that cannot be read (a corrupt or truncated gzip, a
+    ``.parquet`` that is not Parquet, JSON that is not JSON or not UTF-8) is a DataError naming it before any
+    Ray task starts. JSON Lines in a ``.json`` file are read as JSON Lines (as ``datasets`` does)."""
+    import pyarrow as pa
+
+    labels = file_labels(paths)
     shards: list[Shard] = []
     for path in paths:
-        kind = file_kind(path)
-        if kind == "jsonl":
-            # One pass counts the lines and notes where each shard starts, so a shard seeks to its first row
-            # (a compressed file cannot seek: its shards skip lines instead).
-            seekable = not path.endswith((".gz", ".bz2", ".xz", ".zst")) and "://" not in path
-            offsets, n, pos = [0], 0, 0
-            with _open_bytes(path) as f:
-                for line in f:
-                    n += 1
-                    pos += len(line)
-                    if n % rows_per_shard == 0:
-                        offsets.append(pos)
-            for j, start in enumerate(range(0, max(n, 1), rows_per_shard)):
-                shards.append(Shard(path, kind, start, min(start + rows_per_shard, n), offsets[j] if seekable else -1))
-            continue
-        elif kind == "parquet":
-            import pyarrow.parquet as pq
-
-            n = pq.ParquetFile(path).metadata.num_rows
-        else:
-            shards.append(Shard(path, kind, 0, None))
-            continue
-        for start in range(0, max(n, 1), rows_per_shard):
-            shards.append(Shard(path, kind, start, min(start + rows_per_shard, n)))
+        try:
+            shards += _file_shards(path, labels[path], rows_per_shard)
+        except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
+            what = "a truncated or corrupt gzip file? " if _gzipped(path) else ""
+            raise DataError(f"{path}: cannot read it ({what}{type(e).__name__}: {e})") from None
     return shards
+
+
+def _file_shards(path: str, label: str, rows_per_shard: int) -> list[Shard]:
+    kind = file_kind(path)
+    if kind == "json":
+        try:
+            _json_rows(path)
+            return [Shard(path, kind, 0, None, label=label)]
+        except DataError:
+            if not _is_json_lines(path):
+                raise
+        log.info("%s holds JSON Lines (a JSON object on each line): read as JSON Lines", path)
+        kind = "jsonl"
+    if kind == "jsonl":
+        # One pass counts the lines and notes where each shard starts, so a shard seeks to its first row
+        # (a compressed file cannot seek: its shards skip lines instead).
+        seekable = not _uri_path(path).endswith((".gz", ".bz2", ".xz", ".zst")) and "://" not in path
+        offsets, n, pos = [0], 0, 0
+        with _open_bytes(path) as f:
+            for line in f:
+                n += 1
+                pos += len(line)
+                if n % rows_per_shard == 0:
+                    offsets.append(pos)
+        return [Shard(path, kind, start, min(start + rows_per_shard, n), offsets[j] if seekable else -1, label)
+                for j, start in enumerate(range(0, max(n, 1), rows_per_shard))]
+    n = _parquet_file(path).metadata.num_rows
+    return [Shard(path, kind, start, min(start + rows_per_shard, n), label=label)
+            for start in range(0, max(n, 1), rows_per_shard)]
 
 
 class BadJSON:
@@ -218,6 +351,8 @@ def iter_raw(shard: Shard, only: set[int] | None = None) -> Iterator[tuple[int, 
                     break
                 if only is not None and i not in only:
                     continue
+                if i == 0:  # a UTF-8 byte-order mark is no part of row 0
+                    line = line.removeprefix(codecs.BOM_UTF8)
                 if not line.strip():
                     yield i, BadJSON("empty line")
                     continue
@@ -226,27 +361,13 @@ def iter_raw(shard: Shard, only: set[int] | None = None) -> Iterator[tuple[int, 
                 except orjson.JSONDecodeError as e:
                     yield i, BadJSON(f"malformed JSON: {e}")
     elif shard.kind == "json":
-        with _open_bytes(shard.path) as f:
-            try:
-                data = json.load(io.TextIOWrapper(f, encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{shard.path}: not valid JSON ({e}); JSON Lines files should end in .jsonl") from e
-        if isinstance(data, dict):
-            # {"data": [...]} and similar wrappers hold exactly one list.
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(f"{shard.path}: expected a JSON array of rows (or an object holding one list)")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise DataError(f"{shard.path}: expected a JSON array of rows, got {type(data).__name__}")
+        data = _json_rows(shard.path)
         stop = len(data) if shard.stop is None else shard.stop
         for i in range(shard.start, min(stop, len(data))):
             if only is None or i in only:
                 yield i, data[i]
     elif shard.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(shard.path)
+        pf = _parquet_file(shard.path)
         i = 0
         for batch in pf.iter_batches(batch_size=4096):
             rows = batch.to_pylist()
@@ -260,12 +381,14 @@ def iter_raw(shard: Shard, only: set[int] | None = None) -> Iterator[tuple[int, 
         raise DataError(f"{shard.path}: unknown kind {shard.kind}")
 
 
-def row_id(row: dict[str, Any], source: str, index: int) -> str:
+def row_id(row: dict[str, Any], name: str, index: int) -> str:
+    """The row's own id (the first of ``_ID_KEYS`` it has), else ``<name>:<index>`` (``name``: the file's
+    label, :attr:`Shard.name`)."""
     for key in _ID_KEYS:
         v = row.get(key)
         if v is not None and str(v) != "":
             return str(v)
-    return f"{os.path.basename(source)}:{index}"
+    return f"{name}:{index}"
 
 
 # ------------------------------------------------------------------------------------ instruction rows
@@ -293,14 +416,50 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _check_turns(messages: list[dict[str, str]], field: str) -> list[dict[str, str]]:
+def turn_order_error(roles: list[str]) -> tuple[int, str] | None:
+    """The first turn out of order and why, or None. The order chat templates and trainers assume: an
+    optional system turn first, then user and assistant turns alternating, the user's first. Rows out of
+    order are set aside rather than repaired (merging two user turns would train on text nobody wrote)."""
+    prev = "system"
+    for i, role in enumerate(roles):
+        if role == "system":
+            if i:
+                return i, "a system turn is only allowed first"
+        elif prev == "system" and role == "assistant":
+            return i, "starts with an assistant turn"
+        elif role == prev:
+            return i, f"two {role} turns in a row"
+        prev = role
+    return None
+
+
+def _turn_field(parts: list[tuple[str, Any, int]], i: int) -> str:
+    """The field of turn ``i`` of messages joined from ``parts`` (field, raw value, turn count): ``prompt``
+    for a prompt given as a string, ``completion[1]`` for the second turn of a list."""
+    for field, raw, n in parts:
+        if i < n:
+            return field if isinstance(raw, str) else f"{field}[{i}]"
+        i -= n
+    return parts[-1][0]
+
+
+def _check_order(messages: list[dict[str, str]], parts: list[tuple[str, Any, int]]) -> None:
+    bad = turn_order_error([m["role"] for m in messages])
+    if bad:
+        raise RowError(_turn_field(parts, bad[0]), bad[1])
+
+
+def _check_turns(messages: list[dict[str, str]], field: str,
+                 parts: list[tuple[str, Any, int]] | None = None) -> list[dict[str, str]]:
+    """An instruction conversation: turns in order (:func:`turn_order_error`), ending with an assistant turn.
+    ``parts``: where the turns came from, when not all from ``field`` (see :func:`_turn_field`)."""
+    parts = parts or [(field, messages, len(messages))]
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(field, "no assistant turn")
+    _check_order(messages, parts)
     if messages[-1]["role"] != "assistant":
-        raise RowError(f"{field}[{len(messages) - 1}]", "the conversation ends with a user turn that has no response")
-    for i, m in enumerate(messages):
-        if m["role"] == "system" and i != 0:
-            raise RowError(f"{field}[{i}]", "a system turn is only allowed first")
+        raise RowError(_turn_field(parts, len(messages) - 1),
+                       "the conversation ends with a user turn that has no response")
     return messages
 
 
@@ -361,8 +520,10 @@ def normalise_sft(row: Any, fmt: str = "auto") -> list[dict[str, str]]:
         # TRL's prompt-completion format too: strings, or lists of messages (conversational).
         _pick(row, ("prompt",))
         out_key = _pick(row, ("response", "completion"))
-        messages = _as_messages(row["prompt"], "prompt", "user") + _as_messages(row[out_key], out_key, "assistant")
-        return _check_turns(messages, out_key)
+        prompt = _as_messages(row["prompt"], "prompt", "user")
+        answer = _as_messages(row[out_key], out_key, "assistant")
+        return _check_turns(prompt + answer, out_key,
+                            [("prompt", row["prompt"], len(prompt)), (out_key, row[out_key], len(answer))])
     if fmt in PREFERENCE_FORMATS:
         pair = normalise_preference(row, fmt)
         return [*pair["prompt"], {"role": "assistant", "content": pair["chosen"]}]
@@ -425,6 +586,7 @@ def normalise_preference(row: Any, fmt: str = "auto") -> dict[str, Any]:
         completion = _as_messages(row["completion"], "completion", "assistant")
         if len(completion) != 1 or completion[0]["role"] != "assistant":
             raise RowError("completion", "expected one assistant answer")
+        _check_order(prompt, [("prompt", row["prompt"], len(prompt))])
         if prompt[-1]["role"] != "user":
             raise RowError("prompt", "the prompt must end with a user turn")
         return {"prompt": prompt, "completion": completion[0]["content"], "label": row["label"]}
@@ -439,6 +601,9 @@ def normalise_preference(row: Any, fmt: str = "auto") -> dict[str, Any]:
                 raise RowError(name, "the transcript does not end with an Assistant turn")
             if not conv[-1]["content"]:
                 raise RowError(name, "the final Assistant turn is empty")
+            bad = turn_order_error([m["role"] for m in conv])
+            if bad:
+                raise RowError(name, f"{bad[1]} (turn {bad[0] + 1} of the transcript)")
         if chosen[:-1] != rejected[:-1]:
             raise RowError("rejected", "chosen and rejected transcripts differ before their final Assistant turn")
         prompt = chosen[:-1]
@@ -450,6 +615,7 @@ def normalise_preference(row: Any, fmt: str = "auto") -> dict[str, Any]:
         rejected = _as_messages(row["rejected"], "rejected", "assistant")
         if "prompt" in row:
             prompt = _as_messages(row["prompt"], "prompt", "user")
+            where = [("prompt", row["prompt"], len(prompt))]
             # UltraFeedback-style: chosen/rejected repeat the prompt before the answer.
             if chosen[:-1] == prompt and rejected[:-1] == prompt:
                 chosen, rejected = chosen[-1:], rejected[-1:]
@@ -457,6 +623,8 @@ def normalise_preference(row: Any, fmt: str = "auto") -> dict[str, Any]:
             if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
                 raise RowError("prompt", "missing, and chosen/rejected do not share a prompt prefix")
             prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+            where = [("chosen", row["chosen"], len(prompt))]
+        _check_order(prompt, where)
         for name, conv in (("chosen", chosen), ("rejected", rejected)):
             if len(conv) != 1 or conv[0]["role"] != "assistant":
                 raise RowError(name, "expected one assistant answer")
@@ -475,6 +643,7 @@ def normalise_eval_prompt(row: Any) -> list[dict[str, str]]:
         raise RowError("(row)", f"expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
         msgs = _turns(row["messages"], "messages", "role", "content")
+        _check_order(msgs, [("messages", row["messages"], len(msgs))])
         if msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
         if not msgs or msgs[-1]["role"] != "user":
@@ -537,9 +706,9 @@ def read_shard(shard: Shard, kind: str, fmt: str = "auto", only: set[int] | None
     for index, raw in iter_raw(shard, only):
         base = {"source": shard.path, "row": index}
         if isinstance(raw, BadJSON):
-            yield {**base, "id": f"{os.path.basename(shard.path)}:{index}", "field": "(json)", "error": raw.message}
+            yield {**base, "id": f"{shard.name}:{index}", "field": "(json)", "error": raw.message}
             continue
-        rid = row_id(raw, shard.path, index) if isinstance(raw, dict) else f"{os.path.basename(shard.path)}:{index}"
+        rid = row_id(raw, shard.name, index) if isinstance(raw, dict) else f"{shard.name}:{index}"
         try:
             payload = normalise(raw, fmt)
         except RowError as e:
@@ -548,14 +717,26 @@ def read_shard(shard: Shard, kind: str, fmt: str = "auto", only: set[int] | None
         yield {**base, "id": rid, **payload, "field": None, "error": None}
 
 
-def read_rows(patterns: list[str] | str, kind: str, fmt: str = "auto") -> tuple[list[dict], list[dict]]:
-    """All rows of small inputs, in-process: (good rows, set-aside rows)."""
-    paths = expand_paths([patterns] if isinstance(patterns, str) else patterns)
+def read_rows(patterns: list[str] | str, kind: str, fmt: str = "auto",
+              exclude: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """All rows of small inputs, in-process: (good rows, set-aside rows). A good row whose id an earlier good
+    row has (in file order) is set aside, naming the first: ids key answers, verdicts and seeded subsets.
+    ``exclude``: as in :func:`expand_paths`."""
+    paths = expand_paths([patterns] if isinstance(patterns, str) else patterns, exclude)
     good: list[dict] = []
     bad: list[dict] = []
+    first: dict[str, dict] = {}
     for shard in plan_shards(paths):
         for r in read_shard(shard, kind, fmt):
+            if not r["error"] and first.setdefault(r["id"], r) is not r:
+                seen = first[r["id"]]
+                r = {"source": r["source"], "row": r["row"], "id": r["id"], "field": "id",
+                     "error": f"duplicate id: {seen['source']}:{seen['row']} has it first"}
             (bad if r["error"] else good).append(r)
+    dups = [b for b in bad if b["field"] == "id" and b["error"].startswith("duplicate id")]
+    if dups:
+        log.warning("%d rows of %s set aside as duplicate ids (first: %s, %s)", len(dups), ", ".join(paths),
+                    dups[0]["id"], dups[0]["error"])
     for r in good:
         r.pop("error"), r.pop("field")
     return good, bad

@@ -7,8 +7,9 @@ model's answer first and then second. The two orders combine by one of two rules
   both orders, a loss if the other is preferred in both, a tie otherwise;
 - ``sum`` (Long-Is-More's released code): each order gives +1 / 0 / -1; a sum >= 1 wins, <= -1 loses, 0 ties.
 
-A judgement whose first line does not hold two scores is counted as unparsed, never guessed; a prompt
-with an unparsed order is left out of the rates and counted as invalid.
+A judgement whose first line does not hold two scores is counted as unparsed, never guessed; a request
+that failed at the endpoint is counted as failed; a prompt with an unparsed or failed order is left out of
+the rates and counted as invalid.
 """
 
 from __future__ import annotations
@@ -98,10 +99,12 @@ def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[di
                                                          "error": out.get("error")}
     verdicts = []
     counts = {"win": 0, "tie": 0, "loss": 0, "invalid": 0}
-    unparsed = disagree = 0
+    unparsed = failed = disagree = 0
     for qid, orders in by_q.items():
         s1, s2 = orders[1]["scores"], orders[2]["scores"]
-        unparsed += (s1 is None) + (s2 is None)
+        for o in orders.values():
+            failed += bool(o["error"])
+            unparsed += o["scores"] is None and not o["error"]
         if s1 is None or s2 is None:
             verdict, o1, o2 = "invalid", None, None
         else:
@@ -120,7 +123,7 @@ def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[di
 
     summary = {
         "rule": rule, "prompts": len(by_q), "valid": valid, **counts,
-        "judgements": 2 * len(by_q), "unparsed_judgements": unparsed,
+        "judgements": 2 * len(by_q), "unparsed_judgements": unparsed, "failed_judgements": failed,
         "win_rate": rate(counts["win"]), "tie_rate": rate(counts["tie"]), "loss_rate": rate(counts["loss"]),
         "score": rate(counts["win"] + 0.5 * counts["tie"]),
         "order_disagreement_rate": rate(disagree),

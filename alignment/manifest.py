@@ -88,6 +88,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def missing_outputs(outputs: Any) -> list[str]:
+    """The local files and directories named in a manifest's outputs (at any depth) that no longer exist.
+    Only absolute local paths count: a URI or a model name is not looked up."""
+    if isinstance(outputs, dict):
+        return [p for v in outputs.values() for p in missing_outputs(v)]
+    if isinstance(outputs, list):
+        return [p for v in outputs for p in missing_outputs(v)]
+    if isinstance(outputs, str) and "://" not in outputs and os.path.isabs(outputs) and not os.path.exists(outputs):
+        return [outputs]
+    return []
+
+
 def run_stage(
     run_dir: str | os.PathLike,
     stage: str,
@@ -96,7 +108,8 @@ def run_stage(
     inputs: dict[str, str],
     work: Callable[[Path], dict[str, Any]],
 ) -> dict[str, Any]:
-    """Run ``work(stage_dir)`` unless a finished manifest for the same config and inputs exists.
+    """Run ``work(stage_dir)`` unless a finished manifest for the same config and inputs exists and the local
+    outputs it names are all still there.
 
     ``inputs`` maps names to fingerprints. ``work`` returns ``{"outputs": ..., "counts": ..., ...}``;
     this function adds the config, inputs, timings and versions and writes the manifest.
@@ -107,8 +120,12 @@ def run_stage(
     with FileLock(str(stage_dir / ".lock")):
         done = read_manifest(stage_dir)
         if done and done.get("status") == "complete":
-            log.info("%s %s: finished earlier, skipped (%s)", stage, label, stage_dir)
-            return {**done, "skipped": True}
+            gone = missing_outputs(done.get("outputs"))
+            if not gone:
+                log.info("%s %s: finished earlier, skipped (%s)", stage, label, stage_dir)
+                return {**done, "skipped": True}
+            log.warning("%s %s: finished earlier, but its output %s no longer exists%s: running it again", stage,
+                        label, gone[0], f" (and {len(gone) - 1} more)" if len(gone) > 1 else "")
         started = time.time()
         base = {"stage": stage, "label": label, "dir": str(stage_dir), "config": config, "inputs": inputs,
                 "versions": versions()}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .errors import InputError
+
 log = logging.getLogger("alignment")
 
 # ChatML with {% generation %} markers around each assistant answer and its end token, so TRL can mask the
@@ -37,7 +39,7 @@ SMOLLM2_TRAINING_CHAT_TEMPLATE = (
 _TRAINING_TEMPLATES = {SMOLLM2_CHAT_TEMPLATE: SMOLLM2_TRAINING_CHAT_TEMPLATE}
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     pass
 
 
@@ -110,6 +112,47 @@ def resolve(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model path not found: {name}")
     return name  # a Hugging Face hub id, fetched by transformers
+
+
+HUB_TIMEOUT_S = 5.0  # one try: a hub that does not answer in this long is taken as unreachable
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check(name: str) -> None:
+    """Fail now, with a sentence, if ``name`` cannot be loaded later (inside a Ray task, after the hub's retries).
+
+    A registry name, a cloud URI and a local model directory pass (as :func:`resolve` takes them); a Hugging Face
+    id passes if the local Hugging Face cache holds it, else if the hub says it has it (one request, a short
+    timeout). Offline (``HF_HUB_OFFLINE``), or with the hub out of reach, an id that is not cached is an error.
+    """
+    if name in REGISTRY or "://" in name:
+        return
+    if Path(resolve(name)).exists():  # a local directory (resolve raises for a path that is not a model)
+        return
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    known = f"not a local path, not a registry name (known: {', '.join(REGISTRY)})"
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError:
+        raise ModelError(f"{name} is {known}, and not a Hugging Face model id") from None
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        raise ModelError(f"{name} is {known}, not in the local Hugging Face cache, and the Hugging Face hub cannot "
+                         "be reached (offline: HF_HUB_OFFLINE is set)")
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        HfApi(endpoint=endpoint).model_info(name, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ModelError(f"{name} is {known}, and the Hugging Face hub has no model of that name (a private or "
+                         "gated one needs HF_TOKEN)") from None
+    except Exception as e:  # noqa: BLE001 - a refused connection, a timeout, a proxy's error page: all unreachable
+        raise ModelError(f"{name} is {known}, not in the local Hugging Face cache, and the Hugging Face hub cannot "
+                         f"be reached (offline? {endpoint}: {type(e).__name__})") from None
 
 
 def materialize(path: str) -> str:
@@ -243,6 +286,30 @@ def varying_length_attention() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def nonfinite_weights(model) -> list[str]:
+    """Names of the parameters of ``model`` that hold a NaN or an infinity (this process's shard of a sharded
+    parameter only)."""
+    import torch
+
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor: this rank's shard
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad.append(name)
+    return bad
+
+
+def check_finite(model, path: str) -> None:
+    """A model loaded from ``path`` is used only if every weight is finite: a NaN checkpoint never reaches
+    training or generation."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise ModelError(f"{path} has non-finite weights (NaN or inf) in {len(bad)} of "
+                         f"{sum(1 for _ in model.parameters())} tensors (first: {', '.join(bad[:3])}); it cannot be "
+                         "trained on or generate from")
+
+
 def load_for_generation(path: str, use_gpu: bool):
     """A causal LM in eval mode and its left-padding tokenizer (bf16 on GPU, float32 on CPU)."""
     import torch
@@ -256,6 +323,7 @@ def load_for_generation(path: str, use_gpu: bool):
     if use_gpu:
         varying_length_attention()
     model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to("cuda" if use_gpu else "cpu").eval()
+    check_finite(model, path)
     return model, tok
 
 

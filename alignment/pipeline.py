@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from . import embed, endpoints, formats, generate, judge, models, report, search, select, train
-from .config import ExperimentConfig, config_dict
+from .config import ConfigError, ExperimentConfig, config_dict
+from .errors import AlignmentError
 from .manifest import fingerprint, run_stage, write_json
 
 log = logging.getLogger("alignment")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(AlignmentError, RuntimeError):
     pass
 
 
@@ -60,10 +62,13 @@ def _read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _files(patterns: list[str], what: str) -> dict[str, str]:
+def _files(patterns: list[str], what: str, run_dir: str | None = None) -> dict[str, str]:
+    """The input files of ``patterns`` with their fingerprints, listed once, before the stage's directory
+    exists, and never anything under ``run_dir`` (a stage's own outputs are no input data); the stage reads
+    exactly these files."""
     if not patterns:
         raise PipelineError(f"no {what} configured (data.{what})")
-    return {p: fingerprint(p) for p in formats.expand_paths(patterns)}
+    return {p: fingerprint(p) for p in formats.expand_paths(patterns, exclude=[run_dir] if run_dir else None)}
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -76,7 +81,8 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     tokenizer = models.resolve(cfg.model.base) if uses_tokens else None
     resolved: dict[str, Any] = {"deita": config_dict(s.deita), "rating": config_dict(s.rating),
                                 "embedding": config_dict(s.embedding)}
-    inputs = _files(cfg.data.sft, "sft")
+    files = _files(cfg.data.sft, "sft", cfg.run_dir)
+    inputs = dict(files)
     if tokenizer:
         inputs["tokenizer"] = fingerprint(tokenizer)
     if s.max_tokens and cfg.model.chat_template:
@@ -100,7 +106,7 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
             "tokenizer": cfg.model.base if tokenizer else None,
             **{key: value for key, value in spec.items() if key != "tokenizer"}}
     return run_stage(cfg.run_dir, "select", f"k{k}", conf, inputs,
-                     lambda d: select.run_select(cfg.data.sft, cfg.data.sft_format, k, spec, d, s.allow_fewer,
+                     lambda d: select.run_select(list(files), cfg.data.sft_format, k, spec, d, s.allow_fewer,
                                                  s.batch_size))
 
 
@@ -111,6 +117,55 @@ def _training_outputs(d: Path, run: dict[str, Any]) -> dict[str, Any]:
     ckpts = [{"step": c["step"], "path": c["path"], "train_loss": c["metrics"].get("loss"),
               "eval_loss": c["metrics"].get("eval_loss")} for c in run["checkpoints"]]
     return {"checkpoints": ckpts, "metrics_log": str(d / "metrics.jsonl"), "tensorboard": run["tensorboard"]}
+
+
+def _reasons(aside: list[dict]) -> dict[str, int]:
+    """Set-aside rows counted by field and reason (the reason's text up to its first colon)."""
+    out: dict[str, int] = {}
+    for r in aside:
+        key = f"{r['field']}: {r['error'].split(':')[0]}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _trainable(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], aside: list[dict], model_name: str,
+               max_length: int) -> tuple[list[dict], list[dict]]:
+    """The rows that can train (counted with the tokenizer of ``model_name``, the model the start weights come
+    from), and every set-aside record so far, written to ``set_aside.jsonl``."""
+    tok = models.tokenizer(models.resolve(model_name), cfg.model.chat_template)
+    if tok.chat_template is None:
+        raise PipelineError(f"{model_name} has no chat template; set model.chat_template to a .jinja file")
+    rows, untrainable = train.trainable_rows(method, rows, tok, max_length)
+    aside = aside + untrainable
+    _write_jsonl(d / "set_aside.jsonl", aside)
+    if untrainable:
+        log.warning("%s: %d rows set aside before training (%s); see %s", method, len(untrainable),
+                    _reasons(untrainable), d / "set_aside.jsonl")
+    return rows, aside
+
+
+_TRAIN_KEYS = ("id", "messages", "prompt", "chosen", "rejected", "completion", "label")
+
+
+def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: list[dict], start: str,
+         settings: dict[str, Any], save_steps: list[int], res: dict[str, Any]) -> dict[str, Any]:
+    """``train.fit`` once there are rows for a step on every worker. A run stopped by a non-finite value leaves its
+    log (``metrics.jsonl``, TensorBoard events in ``tensorboard/``, the NaN included) before the stage fails."""
+    try:
+        train.check_batch(len(rows), settings, res["num_workers"], method)
+    except train.TrainError as e:
+        raise PipelineError(str(e)) from None
+
+    def slim(rs: list[dict]) -> list[dict]:
+        return [{k: r[k] for k in _TRAIN_KEYS if k in r} for r in rs]
+
+    try:
+        return train.fit(method, slim(rows), start, settings, save_steps, _storage(cfg, d), res,
+                         cfg.model.chat_template, eval_rows=slim(held))
+    except train.NonFiniteError as e:
+        _write_jsonl(d / "metrics.jsonl", e.history)
+        train.write_tensorboard(e.history, d / "tensorboard")
+        raise PipelineError(f"{e}; the log up to that step: {d / 'metrics.jsonl'}") from None
 
 
 def sft_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
@@ -128,12 +183,13 @@ def sft_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
 
     def work(d: Path) -> dict[str, Any]:
         rows = [{"id": r["id"], "messages": r["messages"]} for r in pq.read_table(selected).to_pylist()]
+        rows, aside = _trainable(cfg, d, "sft", rows, [], cfg.model.base, cfg.sft.max_length)
         rows, held = train.split_rows(rows, cfg.seed, cfg.sft.eval_rows, None)
-        run = train.fit("sft", rows, base, settings, save_steps, _storage(cfg, d), res, cfg.model.chat_template,
-                        eval_rows=held)
+        run = _fit(cfg, d, "sft", rows, held, base, settings, save_steps, res)
         return {
-            "outputs": _training_outputs(d, run),
-            "counts": {"rows": len(rows) + len(held), "train_rows": len(rows), "eval_rows": len(held),
+            "outputs": {**_training_outputs(d, run), "set_aside": str(d / "set_aside.jsonl")},
+            "counts": {"rows": len(rows) + len(held) + len(aside), "train_rows": len(rows), "eval_rows": len(held),
+                       "rows_set_aside": len(aside), "set_aside_reasons": _reasons(aside),
                        "checkpoints": len(run["checkpoints"])},
             "metrics": {"final": run["checkpoints"][-1]["metrics"], **run["facts"]},
         }
@@ -151,9 +207,11 @@ def _pick_checkpoint(sft: dict[str, Any], step: int | str) -> dict[str, Any]:
     raise PipelineError(f"SFT step {step} was not saved; saved steps: {[c['step'] for c in ckpts]} ({sft['dir']})")
 
 
-def read_preferences(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
-    good, bad = formats.read_rows(cfg.data.preferences, "preference", cfg.data.preferences_format)
-    return good, bad
+def read_preferences(cfg: ExperimentConfig, files: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """The preference rows of ``files`` (as :func:`_files` listed them; default: data.preferences, outside
+    run_dir): (good rows, set-aside rows)."""
+    return formats.read_rows(files or cfg.data.preferences, "preference", cfg.data.preferences_format,
+                             exclude=[cfg.run_dir])
 
 
 def pref_stage(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None,
@@ -182,27 +240,28 @@ def pref_stage(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str 
             "eval_rows": p.eval_rows, "format": cfg.data.preferences_format, "start": start_info,
             "chat_template": cfg.model.chat_template, "num_workers": res["num_workers"], "use_gpu": res["use_gpu"],
             "strategy": res["strategy"]}
-    inputs = {**_files(cfg.data.preferences, "preferences"), "start": fingerprint(start)}
+    files = _files(cfg.data.preferences, "preferences", cfg.run_dir)
+    inputs = {**files, "start": fingerprint(start)}
 
     def work(d: Path) -> dict[str, Any]:
-        pairs, bad = read_preferences(cfg)
-        _write_jsonl(d / "set_aside.jsonl", bad)
+        pairs, bad = read_preferences(cfg, list(files))
+        tokenizer_model = cfg.model.instruct if p.start_from == "instruct" else cfg.model.base
+        pairs, aside = _trainable(cfg, d, method, pairs, bad, tokenizer_model, p.max_length)
         if not pairs:
-            raise PipelineError(f"no valid preference rows in {cfg.data.preferences} ({len(bad)} set aside, "
-                                f"see {d / 'set_aside.jsonl'})")
+            raise PipelineError(f"no usable preference rows in {cfg.data.preferences} ({len(aside)} set aside: "
+                                f"{_reasons(aside)}; see {d / 'set_aside.jsonl'})")
         try:
             used, held = train.split_rows(pairs, cfg.seed, p.eval_rows, num_pairs)
         except train.TrainError as e:
-            raise PipelineError(f"{e} ({cfg.data.preferences}: {len(pairs)} valid rows)") from None
-        keep = ("id", "prompt", "chosen", "rejected", "completion", "label")
-        run = train.fit(method, [{k_: r[k_] for k_ in keep if k_ in r} for r in used], start, settings, save_steps,
-                        _storage(cfg, d), res, cfg.model.chat_template,
-                        eval_rows=[{k_: r[k_] for k_ in keep if k_ in r} for r in held])
+            raise PipelineError(f"{e} ({cfg.data.preferences}: {len(pairs)} usable rows, {len(aside)} set aside: "
+                                f"{_reasons(aside)})") from None
+        run = _fit(cfg, d, method, used, held, start, settings, save_steps, res)
         return {
             "outputs": {"model": run["checkpoints"][-1]["path"], "start": start_info,
                         "set_aside": str(d / "set_aside.jsonl"), **_training_outputs(d, run)},
-            "counts": {"pairs_read": len(pairs) + len(bad), "pairs_kept": len(pairs), "pairs_set_aside": len(bad),
-                       "pairs_used": len(used), "pairs_eval": len(held)},
+            "counts": {"pairs_read": len(pairs) + len(aside), "pairs_kept": len(pairs), "pairs_set_aside": len(aside),
+                       "set_aside_reasons": _reasons(aside), "pairs_used": len(used), "pairs_eval": len(held),
+                       "pairs_unused": len(pairs) - len(used) - len(held)},
             "metrics": {"final": run["checkpoints"][-1]["metrics"], "params": params, **run["facts"]},
         }
 
@@ -210,12 +269,11 @@ def pref_stage(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str 
 
 
 def eval_prompts(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
+    """The eval prompts (the first data.max_eval_prompts) and the set-aside rows; a prompt whose id an earlier
+    one has is set aside (answers and verdicts are keyed by id)."""
     if not cfg.data.eval_prompts:
         raise PipelineError("no eval prompt set configured (data.eval_prompts)")
-    good, bad = formats.read_rows(cfg.data.eval_prompts, "eval")
-    ids = [r["id"] for r in good]
-    if len(set(ids)) != len(ids):
-        raise PipelineError(f"{cfg.data.eval_prompts}: prompt ids are not unique")
+    good, bad = formats.read_rows(cfg.data.eval_prompts, "eval", exclude=[cfg.run_dir])
     n = cfg.data.max_eval_prompts
     return (good[:n] if n else good), bad
 
@@ -247,10 +305,44 @@ def baseline_model(cfg: ExperimentConfig) -> str:
     return models.resolve(cfg.judge.baseline or cfg.model.base)
 
 
+def _judge_openai(msgs: list[dict], j: Any, d: Path) -> tuple[list[dict], dict[str, Any]]:
+    """The judge endpoint's answers and the requests' counts. Each answer is stored in ``responses.jsonl`` as it
+    arrives, so that a re-run of a failed stage (the same directory) sends only the requests without one; more
+    than ``judge.max_failed_fraction`` of the requests failed after their retries fails the stage."""
+    cache_path = d / "responses.jsonl"
+    cache = endpoints.read_cache(cache_path)
+    with open(cache_path, "a") as f:
+        def keep(o: dict) -> None:
+            if not o["error"]:
+                f.write(endpoints.cache_line(o["key"], o["answer"], o["num_new_tokens"]))
+                f.flush()
+
+        outs = endpoints.complete_openai(msgs, j.model, endpoints.Endpoint(j.api_base_env, j.api_key_env),
+                                         j.max_new_tokens, j.timeout_s,
+                                         retry=endpoints.Retry(j.max_retries, j.retry_backoff_s), cache=cache,
+                                         on_result=keep)
+    failed: dict[str, int] = {}
+    for o in outs:
+        if o["error"]:
+            failed[o["error_kind"]] = failed.get(o["error_kind"], 0) + 1
+    errors = [o["error"] for o in outs if o["error"]]
+    # The endpoint's own error, rather than a request given up on after it
+    first = next((o["error"] for o in outs if o["error"] and o["error_kind"] != endpoints.NOT_SENT),
+                 errors[0] if errors else None)
+    why = endpoints.failure_message("judge", failed, len(outs), first, "judge.max_failed_fraction",
+                                    j.max_failed_fraction, len(outs) - len(errors), cache_path)
+    if why:
+        raise PipelineError(why)
+    return outs, {"requests": len(outs), "answered_earlier": sum(o["cached"] for o in outs), "failed": failed}
+
+
 def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
     j = cfg.judge
     judge_model = models.resolve(j.model) if j.backend == "local" else j.model
-    conf = {k: v for k, v in config_dict(j).items() if k not in ("timeout_s",)}
+    # How requests are sent is not what they ask: a change to these keeps the stage's directory, so a re-run
+    # with, say, more retries still finds the answers stored by the failed run.
+    conf = {k: v for k, v in config_dict(j).items()
+            if k not in ("timeout_s", "max_retries", "retry_backoff_s", "max_failed_fraction")}
     conf["judge_model"] = judge_model
     inputs = {"target": fingerprint(target["outputs"]["answers"]), "baseline": fingerprint(baseline["outputs"]["answers"])}
     if j.backend == "local":
@@ -264,16 +356,19 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
             raise PipelineError(f"baseline answers lack prompts {missing[:5]}")
         requests = judge.build_requests(t_rows, {r["id"]: r["answer"] for r in t_rows}, b, j.format_example)
         msgs = [{"id": r["id"], "messages": r["messages"]} for r in requests]
+        requested: dict[str, Any] = {}
         if j.backend == "local":
             outs = generate.generate(judge_model, msgs, {**config_dict(cfg.generate), "max_new_tokens": j.max_new_tokens})
         else:
-            outs = endpoints.complete_openai(msgs, j.model, endpoints.Endpoint(j.api_base_env, j.api_key_env),
-                                             j.max_new_tokens, j.timeout_s)
+            outs, requested = _judge_openai(msgs, j, d)
         verdicts, summary = judge.score(requests, outs, j.rule)
         _write_jsonl(d / "verdicts.jsonl", verdicts)
-        return {"outputs": {"verdicts": str(d / "verdicts.jsonl"), "target": target["dir"], "baseline": baseline["dir"]},
+        return {"outputs": {"verdicts": str(d / "verdicts.jsonl"), "target": target["dir"], "baseline": baseline["dir"],
+                            **({"responses": str(d / "responses.jsonl")} if requested else {})},
                 "counts": {"prompts": summary["prompts"], "valid": summary["valid"], "invalid": summary["invalid"],
-                           "unparsed_judgements": summary["unparsed_judgements"]},
+                           "unparsed_judgements": summary["unparsed_judgements"],
+                           "failed_judgements": summary["failed_judgements"],
+                           **({"endpoint_requests": requested} if requested else {})},
                 "metrics": summary}
 
     return run_stage(cfg.run_dir, "judge", target["label"], conf, inputs, work)
@@ -310,9 +405,103 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     paths = _write_report(cfg, results)
     failed = [r for r in results if r.get("error")]
     if failed:
-        raise PipelineError(f"{len(failed)} of {len(results)} search trials failed (report: {paths['markdown']}); "
-                            f"first: k={failed[0]['k']}, sft_step={failed[0]['sft_step']}: {failed[0]['error']}")
+        raise search_error(f"{len(failed)} of {len(results)} search trials failed (report: {paths['markdown']})",
+                           failed)
     return {"results": results, "report": paths}
+
+
+def search_error(message: str, failed: list[dict]) -> PipelineError:
+    """The error of a search whose ``failed`` trials failed: the first one's error follows ``message``, and the
+    exit code is the config/data/model one when every failed trial failed on those."""
+    first = failed[0]
+    err = PipelineError(f"{message}; first: k={first['k']}, sft_step={first['sft_step']}: {first['error']}")
+    err.exit_code = min(r.get("exit_code", err.exit_code) for r in failed)
+    return err
+
+
+# ------------------------------------------------------------------------------------------- preflight
+
+_STAGES = ("select", "sft", "pref", "generate", "judge")  # a command runs its stage and those before it
+
+
+def preflight(cfg: ExperimentConfig, command: str) -> None:
+    """Check what ``command`` (a stage, ``search`` or ``run``) will read, before Ray starts: every data path,
+    glob and directory holds files of a known type, every model name is a registry name, a local model, a cloud
+    URI or a model of the Hugging Face hub (or its local cache), a chat template file exists and an endpoint's
+    URL is set. A typo then fails in a second, naming its key, instead of inside a Ray task minutes later."""
+    if command not in _STAGES and command not in ("search", "run"):
+        return  # report reads the search's results only
+    stages = set(_STAGES[:_STAGES.index(command) + 1] if command in _STAGES else _STAGES)
+    if cfg.pref.start_from != "sft" and "pref" in stages:
+        stages -= {"select", "sft"}  # scenarios 2 and 3 start from model.base or model.instruct
+    s, data, names = cfg.select, {}, {}
+    if "select" in stages:
+        data["data.sft"] = cfg.data.sft
+        if ("length" in s.scorers and s.length_unit == "tokens") or s.max_tokens is not None:
+            names["model.base"] = cfg.model.base  # its tokenizer
+        if "deita" in s.scorers:
+            names["select.deita.complexity_model"] = s.deita.complexity_model
+            names["select.deita.quality_model"] = s.deita.quality_model
+        if "rating" in s.scorers:
+            if s.rating.backend == "openai":
+                _endpoint_set("select.rating", s.rating.api_base_env)
+            else:
+                names["select.rating.model"] = s.rating.model
+        if s.selector in ("repr_filter", "kmeans"):
+            name = s.embedding.model_name(cfg.model.base)
+            if name != embed.DEFAULT_SENTENCE_MODEL:  # that one comes from its wheel
+                names["select.embedding.model" if s.embedding.model else "model.base"] = name
+    if stages & {"sft", "pref"}:
+        names["model.base"] = cfg.model.base
+    if "pref" in stages:
+        data["data.preferences"] = cfg.data.preferences
+        if cfg.pref.start_from == "instruct":
+            names["model.instruct"] = cfg.model.instruct
+    if "generate" in stages:
+        data["data.eval_prompts"] = [cfg.data.eval_prompts] if cfg.data.eval_prompts else []
+        names["judge.baseline" if cfg.judge.baseline else "model.base"] = cfg.judge.baseline or cfg.model.base
+    if "judge" in stages:
+        if cfg.judge.backend == "openai":
+            _endpoint_set("judge", cfg.judge.api_base_env)
+        else:
+            names["judge.model"] = cfg.judge.model
+    template = cfg.model.chat_template
+    reads_template = stages & {"sft", "pref"} or ("select" in stages and s.max_tokens is not None)
+    if template and reads_template and "://" not in template and not Path(template).is_file():
+        raise ConfigError(f"model.chat_template: file not found: {template}")
+    for key, patterns in data.items():
+        _check_data(key, patterns, cfg.run_dir)
+    by_name: dict[str, list[str]] = {}
+    for key, name in names.items():
+        by_name.setdefault(name, []).append(key)
+    for name, keys in by_name.items():
+        try:
+            models.check(name)
+        except models.ModelError as e:
+            raise models.ModelError(f"{', '.join(keys)}: {e}") from None
+
+
+def _check_data(key: str, patterns: list[str], run_dir: str) -> None:
+    """``patterns`` match files of a known type outside ``run_dir``, as the stage will list them (a cloud URI and
+    a Hugging Face dataset are read later)."""
+    if not patterns:
+        raise ConfigError(f"{key} is not set, and this command reads it")
+    for pattern in patterns:
+        try:
+            if pattern.startswith(formats.HF_PREFIX):
+                formats.parse_hf_source(pattern)  # loaded (once, then cached) when the stage runs
+                continue
+            for path in formats.expand_paths([pattern], exclude=[run_dir]):
+                if "://" not in path:
+                    formats.file_kind(path)
+        except formats.DataError as e:
+            raise formats.DataError(f"{key}: {e}") from None
+
+
+def _endpoint_set(section: str, env: str) -> None:
+    if not os.environ.get(env):
+        raise ConfigError(f"{section}.backend is openai, but the endpoint URL is not set: export {env}=https://.../v1 "
+                          f"(the variable {section}.api_base_env names)")
 
 
 def report_only(cfg: ExperimentConfig) -> dict[str, str]:

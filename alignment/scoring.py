@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import InputError
+
 
 COMPLEXITY_PROMPT = (
     "You are a helpful assistant. Please identify the complexity score of the following user query. \n"
@@ -45,7 +47,7 @@ RATING_PROMPT = (
 )
 
 
-class ScorerError(ValueError):
+class ScorerError(InputError, ValueError):
     """A scorer that cannot be used at all (as opposed to a row that cannot be scored)."""
 
 

@@ -9,21 +9,41 @@ trials at once, a file lock per stage makes the later trial wait for the earlier
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .config import ExperimentConfig
+from .errors import RUN_FAILED, AlignmentError, unwrap
 
 log = logging.getLogger("alignment")
 
 # What a trial's result keeps from the point's metrics (plus every ``*_rate``).
 _KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", "rule", "prompts", "valid", "win", "tie",
-         "loss", "invalid", "judgements", "unparsed_judgements", "score", "model", "judge_dir")
+         "loss", "invalid", "judgements", "unparsed_judgements", "failed_judgements", "score", "model", "judge_dir")
+
+
+# The credentials Ray Tune copies from the driver's environment into each trial's runtime_env, which Ray's
+# runtime-env agent then writes, in clear, into its log (runtime_env_agent.log). A trial gets them as any other
+# Ray worker does: from the environment an embedded Ray inherits, or from its node (a cluster's IAM role, a
+# job's runtime_env).
+TUNE_COPIES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _hidden(names: tuple[str, ...]) -> Iterator[None]:
+    """These environment variables unset in this process for the block, then back."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _trial(config: dict[str, Any], cfg_json: dict[str, Any], trial_fn: Callable) -> None:
@@ -56,13 +76,17 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable) -> tuple[list[dict[str
                                   storage_path=str(Path(cfg.run_dir).resolve() / "search"),
                                   verbose=1),
     )
-    grid = tuner.fit()
+    with _hidden(TUNE_COPIES):
+        grid = tuner.fit()
     results = []
     for r in grid:
         row = dict(r.config["point"])
         if r.error:
-            lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
-            row["error"] = (lines[-1] if lines else type(r.error).__name__)[:500]
+            known = unwrap(r.error)  # the project's error the trial raised, without Ray's wrapping
+            lines = [ln for ln in str(known).splitlines() if ln.strip()]
+            text = str(known) if isinstance(known, AlignmentError) else (lines[-1] if lines else "")
+            row["error"] = (text or type(r.error).__name__)[:500]
+            row["exit_code"] = known.exit_code if isinstance(known, AlignmentError) else RUN_FAILED
             row["error_file"] = str(Path(r.path) / "error.txt") if r.path else None
             row["metric"] = None
         else:

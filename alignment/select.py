@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import embed, formats, scoring
+from .errors import AlignmentError
 from .ray_env import actor_pool, actor_threads
 
 log = logging.getLogger("alignment")
@@ -31,7 +33,7 @@ ROWS_SCHEMA = pa.schema([
 ])
 
 
-class SelectError(ValueError):
+class SelectError(AlignmentError, ValueError):
     pass
 
 
@@ -66,7 +68,7 @@ def read_batch(batch: dict[str, Any], fmt: str, skip: dict[str, set[int]] | None
     and Ray Data, which sizes its budget by the first output, starts the other read tasks seconds sooner."""
     rows: list[dict] = []
     for i in range(len(batch["path"])):
-        shard = formats.Shard.from_dict({k: batch[k][i] for k in ("path", "kind", "start", "stop", "offset")})
+        shard = formats.Shard.from_dict({k: column[i] for k, column in batch.items()})
         drop = (skip or {}).get(shard.path, ())
         for r in formats.read_shard(shard, "sft", fmt):
             if r["row"] in drop:
@@ -236,33 +238,52 @@ class LocalRater:
         return _rated(table, ok, answers, [None] * len(answers))
 
 
+# What the rating endpoint's task tells the driver per row, which the driver reads and drops
+# (``_keep_rating_answers``): the request's key and a newly received answer (to store), and the request's
+# outcome: cached, answered, or the kind of failure.
+RATING_KEY, RATING_ANSWER, RATING_STATUS = "_rating_key", "_rating_answer", "_rating_status"
+CACHED, ANSWERED = "cached", "answered"
+
+
 def rate_openai_batch(table: pa.Table, model: str, template: str, max_new_tokens: int, endpoint: Any,
-                      timeout_s: float, concurrency: int) -> pa.Table:
-    """Ray Data UDF: an OpenAI-compatible endpoint (an :class:`endpoints.Endpoint`) rates each row 1-5."""
-    from .endpoints import complete_openai
+                      timeout_s: float, concurrency: int, retry: Any = None,
+                      cache: dict[str, dict] | None = None) -> pa.Table:
+    """Ray Data UDF: an OpenAI-compatible endpoint (an :class:`endpoints.Endpoint`) rates each row 1-5; a row
+    whose request has an answer in ``cache`` (from an earlier run of the stage) is not sent again."""
+    from .endpoints import Retry, complete_openai
 
     ok = _valid(table)
     rows = [(i, m) for i, m, good in zip(table["id"].to_pylist(), table["messages"].to_pylist(), ok) if good]
     requests = [{"id": i, "messages": [{"role": "user", "content": scoring.rating_prompt(m, template)}]} for i, m in rows]
-    out = complete_openai(requests, model, endpoint, max_new_tokens, timeout_s, concurrency)
-    return _rated(table, ok, [o["answer"] for o in out], [o["error"] for o in out])
+    out = complete_openai(requests, model, endpoint, max_new_tokens, timeout_s, concurrency, retry or Retry(), cache)
+    new = [not o["cached"] and not o["error"] for o in out]
+    status = [CACHED if o["cached"] else o["error_kind"] or ANSWERED for o in out]
+    rated = _rated(table, ok, [o["answer"] for o in out], [o["error"] and f"endpoint {o['error']}" for o in out])
+    return (rated.append_column(RATING_KEY, pa.array(_scatter([o["key"] if n else None for o, n in zip(out, new)], ok),
+                                                     pa.string()))
+            .append_column(RATING_ANSWER, pa.array(_scatter([o["answer"] if n else None for o, n in zip(out, new)], ok),
+                                                   pa.string()))
+            .append_column(RATING_STATUS, pa.array(_scatter(status, ok), pa.string())))
 
 
-def _rated(table: pa.Table, ok: list[bool], answers: list[str], errors: list[str | None]) -> pa.Table:
+def _rated(table: pa.Table, ok: list[bool], answers: list[str], failures: list[str | None]) -> pa.Table:
+    """``score_rating`` from the answers of the valid rows; a row whose request failed (``failures``: the
+    reason, ``endpoint <kind>: ...``) or whose answer is unparsed gets a null score and the reason."""
     scores, reasons = [], []
-    for a, err in zip(answers, errors):
-        score, why = (None, f"endpoint error: {err}") if err else scoring.parse_rating(a)
+    for a, failed in zip(answers, failures):
+        score, why = (None, failed) if failed else scoring.parse_rating(a)
         scores.append(score)
-        reasons.append(f"rating: {why}" if why else None)
+        reasons.append(why)
     return _merge_errors(
         table.append_column("score_rating", pa.array(_scatter(scores, ok), pa.float64())),
         _scatter(reasons, ok),
     )
 
 
-def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int, tasks: int) -> Any:
+def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int, tasks: int,
+                rating_cache: dict[str, dict] | None = None) -> Any:
     """Chain the configured scorers onto a Ray Data dataset of normalised rows (``_rows``, read by ``tasks``
-    tasks at a time: ``read_tasks``)."""
+    tasks at a time: ``read_tasks``). ``rating_cache``: the rating endpoint's answers from an earlier run."""
     columns = list(ROWS_SCHEMA.names)
     for name in spec["scorers"]:
         if name == "length":
@@ -288,14 +309,19 @@ def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int, tasks: int) -> A
             r = spec["rating"]
             template = r.get("prompt") or scoring.RATING_PROMPT
             if r["backend"] == "openai":
-                from .endpoints import Endpoint
+                import ray
+
+                from .endpoints import Endpoint, Retry
 
                 ds = ds.map_batches(
                     rate_openai_batch,
                     fn_kwargs={"model": r["model"], "template": template, "max_new_tokens": r["max_new_tokens"],
                                "endpoint": Endpoint(r["api_base_env"], r["api_key_env"]),
-                               "timeout_s": r["timeout_s"], "concurrency": r["concurrency"]},
-                    batch_size=r["batch_size"] * r["concurrency"], batch_format="pyarrow")
+                               "timeout_s": r["timeout_s"], "concurrency": r["concurrency"],
+                               "retry": Retry(r["max_retries"], r["retry_backoff_s"]), "cache": rating_cache},
+                    batch_size=r["batch_size"] * r["concurrency"], batch_format="pyarrow",
+                    # Requests in flight are bounded in all, not per task: tasks x concurrency.
+                    compute=ray.data.TaskPoolStrategy(size=r["tasks"]))
             else:
                 ds = ds.map_batches(
                     LocalRater,
@@ -470,8 +496,58 @@ def _embedding_spec(embedding: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _reason_key(field: str, error: str) -> str:
-    """A short, countable reason: the field and the error's kind, numbers blanked."""
-    return f"{field}: {re.sub(r'[0-9]+', 'N', error.split(';')[0].split(':')[0])}"
+    """A short, countable reason: the field and the error's kind, numbers blanked (an HTTP status kept:
+    ``endpoint http 429``)."""
+    return f"{field}: {re.sub(r'(?<!http )(?<![0-9])[0-9]+', 'N', error.split(';')[0].split(':')[0])}"
+
+
+def _main_reasons(reasons: dict[str, int], n: int = 3) -> str:
+    """The ``n`` most common set-aside reasons with their counts, for an error message."""
+    top = sorted(reasons.items(), key=lambda x: -x[1])
+    text = ", ".join(f"{key} ({count})" for key, count in top[:n])
+    more = len(top) - n
+    return text + (f" and {more} other reason{'s' * (more > 1)}" if more > 0 else "") if top else "none"
+
+
+def _rating_failure(tally: dict[str, Any], rating: dict[str, Any], cache_path: Path) -> str | None:
+    """Why the stage fails when more than ``max_failed_fraction`` of the rows' rating requests failed."""
+    from .endpoints import failure_message
+
+    return failure_message("rating", tally["failed"], tally["rated"], tally["first_error"],
+                           "select.rating.max_failed_fraction", rating["max_failed_fraction"],
+                           tally["rated"] - sum(tally["failed"].values()), cache_path)
+
+
+def _keep_rating_answers(batch: pa.Table, cache: Any, tally: dict[str, Any]) -> pa.Table:
+    """The driver's part of the rating endpoint's work on one batch: store the newly received answers in the
+    stage's cache file (so that a re-run sends only the failed rows' requests), count the requests by outcome
+    in ``tally`` (``rated``, ``cached``, ``failed``: kind -> rows, ``first_error``, ``batch_failed``: whether
+    every request of this batch failed), and return the batch without those columns."""
+    from .endpoints import cache_line
+
+    keys, answers = batch[RATING_KEY].to_pylist(), batch[RATING_ANSWER].to_pylist()
+    for key, answer in zip(keys, answers):
+        if key is not None:
+            cache.write(cache_line(key, answer))
+    cache.flush()
+    status = batch[RATING_STATUS].to_pylist()
+    errors = batch["score_error"].to_pylist()
+    sent = failed = 0
+    for st, err in zip(status, errors):
+        if st is None:  # an invalid row: never sent
+            continue
+        tally["rated"] += 1
+        if st == CACHED:
+            tally["cached"] += 1
+            continue
+        sent += 1
+        if st != ANSWERED:
+            failed += 1
+            tally["failed"][st] = tally["failed"].get(st, 0) + 1
+            if tally["first_error"] is None or tally["first_error"].startswith("endpoint not sent"):
+                tally["first_error"] = err[err.find("endpoint "):]  # this scorer's reason, not another's
+    tally["batch_failed"] = sent > 0 and failed == sent
+    return batch.drop_columns([RATING_KEY, RATING_ANSWER, RATING_STATUS])
 
 
 def _ranked(good: pa.Table, ranking: dict[str, float]) -> tuple[pa.Table, pa.Table]:
@@ -594,7 +670,15 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     tasks = read_tasks(shards)
     skip, dup_records, dedup_counts, over_long = (_dedup(shards, paths, fmt, s, batch_size, tasks)
                                                   if s["dedup"]["mode"] != "none" else ({}, [], None, None))
-    ds = add_scorers(_rows(shards, fmt, s, tasks, skip, over_long), s, batch_size, tasks)
+    # The rating endpoint's answers are stored as they come (the driver owns the file: tasks may run on other
+    # nodes), so that a re-run of a failed stage, in this same directory, sends only the failed rows' requests.
+    from .endpoints import read_cache
+
+    uses_endpoint = "rating" in s["scorers"] and s["rating"]["backend"] == "openai"
+    cache_path = out_dir / "rating_responses.jsonl"
+    rating_cache = read_cache(cache_path) if uses_endpoint else None
+    tally: dict[str, Any] = {"rated": 0, "cached": 0, "failed": {}, "first_error": None, "batch_failed": False}
+    ds = add_scorers(_rows(shards, fmt, s, tasks, skip, over_long), s, batch_size, tasks, rating_cache)
     if s["selector"] == "top_k":
         # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
         ds = ds.drop_columns(["messages"], compute=ray.data.TaskPoolStrategy(size=tasks))  # fused into the reads too
@@ -605,13 +689,15 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     aside_path, scored_path = out_dir / "set_aside.jsonl", out_dir / "scored.parquet"
     writer: pq.ParquetWriter | None = None
     t0 = time.perf_counter()
-    with open(aside_path, "w") as aside:
+    with open(aside_path, "w") as aside, open(cache_path, "a") if uses_endpoint else nullcontext() as cache:
         for r in dup_records:
             key = "(duplicate): " + ("exact" if r["error"].startswith("exact") else "near")
             reasons[key] = reasons.get(key, 0) + 1
             aside.write(json.dumps(r) + "\n")
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=batch_size):
             n_read += batch.num_rows
+            if uses_endpoint:
+                batch = _keep_rating_answers(batch, cache, tally)
             bad_mask = pc.is_valid(batch["error"])
             bad = batch.filter(bad_mask)
             good = batch.filter(pc.invert(bad_mask)).drop_columns(["field", "error"])
@@ -634,28 +720,42 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
                 writer.write_table(ranked)
                 if selector == "top_k":
                     top.add(ranked)
+            if tally["batch_failed"] and _rating_failure(tally, s["rating"], cache_path):
+                # A whole batch failed and the failures so far are over the fraction: the endpoint looks down.
+                # The stage fails now rather than after every row's retries; a re-run resumes.
+                break
     if writer is not None:
         writer.close()
+    failure = _rating_failure(tally, s["rating"], cache_path) if uses_endpoint else None
+    if failure:
+        raise SelectError(failure)
     scoring_s = time.perf_counter() - t0
     n_dup = len(dup_records)
     n_read += n_dup
     n_bad = n_invalid + n_unscored + n_dup
+    where = f"in {', '.join(paths)} ({n_bad} set aside: {_main_reasons(reasons)}; see {aside_path})"
+    if n_valid == 0:  # whatever allow_fewer says: an empty selection trains nothing
+        raise SelectError(f"no rows to select: 0 valid, scored rows {where}")
     if n_valid < k and not allow_fewer:
-        raise SelectError(
-            f"select.k={k} is larger than the pool: {n_valid} valid, scored rows in {', '.join(paths)} "
-            f"({n_bad} set aside, see {aside_path}); lower k or set select.allow_fewer=true"
-        )
+        raise SelectError(f"select.k={k} is larger than the pool: {n_valid} valid, scored rows {where}; lower k or "
+                          "set select.allow_fewer=true")
     counts: dict[str, Any] = {"rows_read": n_read, "rows_kept": n_valid, "rows_set_aside": n_bad,
                               "rows_invalid": n_invalid, "rows_unscored": n_unscored, "rows_duplicate": n_dup,
                               "set_aside_reasons": reasons}
+    if uses_endpoint:
+        counts["rating_requests"] = {"rows": tally["rated"], "answered_earlier": tally["cached"],
+                                     "failed": tally["failed"]}
     if dedup_counts is not None:
         counts["dedup"] = dedup_counts
+    counts["duplicate_ids"] = duplicate_ids(scored_path, paths)
+    if counts["duplicate_ids"]["rows"]:
+        log.warning("select: %d kept rows share their id with another row (duplicate ids, e.g. %s); ids key the "
+                    "random scorer, k-means sampling and training splits", counts["duplicate_ids"]["rows"],
+                    counts["duplicate_ids"]["examples"])
     if selector == "top_k":
         selected = top.result()
         if selected.num_rows:
             selected = attach_messages(selected, shards, fmt)
-    elif n_valid == 0:
-        selected = pa.table({})
     elif selector == "kmeans":
         selected, counts["kmeans"] = _kmeans(scored_path, k, s["clusters"], s["kmeans_fit_rows"], s["embedding"],
                                              batch_size, s["seed"], out_dir / "embeddings.parquet")
@@ -676,7 +776,13 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     outputs = {"selected": str(out_dir / "selected.parquet"), "scored": str(scored_path), "set_aside": str(aside_path)}
     if selector == "kmeans":
         outputs["embeddings"] = str(out_dir / "embeddings.parquet")
-    outputs.update(export_selection(selected, s["export"], out_dir))
+    exported, left_out = export_selection(selected, s["export"], out_dir)
+    outputs.update(exported)
+    if left_out:
+        counts["export_set_aside"] = {fmt: len(rows) for fmt, rows in left_out.items()}
+        for fmt, rows in left_out.items():
+            log.warning("select: %d selected rows left out of the %s export (%s); see %s", len(rows), fmt,
+                        rows[0]["error"], exported[f"export_{fmt}_set_aside"])
     metrics = {"files": paths, "scorers": s["scorers"], "ranking": ranking, "length_unit": s["length_unit"],
                "selector": selector, "read_and_score_s": round(scoring_s, 3),
                "select_s": round(time.perf_counter() - t0 - scoring_s, 3),
@@ -688,18 +794,50 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
     return {"outputs": outputs, "counts": counts, "metrics": metrics}
 
 
-def export_selection(selected: pa.Table, fmts: list[str], out_dir: Path) -> dict[str, str]:
-    """``selected.<format>.jsonl`` for each export format (trl, sharegpt, alpaca), rows in rank order."""
-    out = {}
-    if not fmts:
-        return out
+def duplicate_ids(scored: Path, paths: list[str], examples: int = 5) -> dict[str, Any]:
+    """Ranked rows whose id another ranked row has too: ``rows`` (beyond each id's first), ``ids`` and a few
+    ``examples`` (id -> its rows as ``file:row``, in file order). Reported, not set aside: which copy to keep
+    is the data's owner's call; fallback ids never repeat (:func:`formats.file_labels`)."""
+    none: dict[str, Any] = {"rows": 0, "ids": 0, "examples": {}}
+    if not scored.exists():
+        return none
+    t = pq.read_table(scored, columns=["id", "source", "row"])
+    per_id = t.group_by("id").aggregate([("id", "count")])
+    repeated = per_id.filter(pc.greater(per_id["id_count"], 1))
+    if repeated.num_rows == 0:
+        return none
+    shown = sorted(repeated["id"].to_pylist())[:examples]
+    order = {p: i for i, p in enumerate(paths)}
+    where: dict[str, list[tuple[int, int, str]]] = {}
+    for i, src, row in zip(*(t.filter(pc.is_in(t["id"], pa.array(shown)))[c].to_pylist() for c in t.column_names)):
+        where.setdefault(i, []).append((order.get(src, len(order)), row, f"{src}:{row}"))
+    return {"rows": int(pc.sum(repeated["id_count"]).as_py()) - repeated.num_rows, "ids": repeated.num_rows,
+            "examples": {i: [x[2] for x in sorted(where[i])] for i in shown}}
+
+
+def export_selection(selected: pa.Table, fmts: list[str],
+                     out_dir: Path) -> tuple[dict[str, str], dict[str, list[dict[str, Any]]]]:
+    """``selected.<format>.jsonl`` for each export format (trl, sharegpt, alpaca), rows in rank order.
+
+    A row that a format cannot hold (Alpaca: one exchange) is left out of that format's file only, and
+    listed with its rank and the reason in ``selected.<format>.set_aside.jsonl``. Returns (outputs, format ->
+    the rows left out of it)."""
+    out: dict[str, str] = {}
+    left_out: dict[str, list[dict[str, Any]]] = {}
     rows = selected.select(["id", "messages"]).to_pylist() if selected.num_rows else []
     for fmt in fmts:
+        lines, left = [], []
+        for rank, r in enumerate(rows, start=1):
+            try:
+                lines.append(json.dumps(formats.export_row(r, fmt), ensure_ascii=False))
+            except formats.RowError as e:
+                left.append({"id": r["id"], "rank": rank, "field": e.field, "error": e.reason})
         path = out_dir / f"selected.{fmt}.jsonl"
-        try:
-            lines = [json.dumps(formats.export_row(r, fmt), ensure_ascii=False) for r in rows]
-        except formats.RowError as e:
-            raise SelectError(f"cannot export the selection as {fmt}: {e.reason}") from e
         path.write_text("".join(line + "\n" for line in lines))
         out[f"export_{fmt}"] = str(path)
-    return out
+        if left:
+            aside = out_dir / f"selected.{fmt}.set_aside.jsonl"
+            aside.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in left))
+            out[f"export_{fmt}_set_aside"] = str(aside)
+            left_out[fmt] = left
+    return out, left_out

@@ -107,6 +107,15 @@ def write(out_dir: Path, scored: Path, selected: pa.Table, counts: dict[str, Any
                   + (f" (MinHash LSH, Jaccard threshold {d['threshold']}, {d['num_perm']} permutations, "
                      f"{d['bands']} bands of {d['rows_per_band']}, {d['ngram']}-word shingles)" if d["mode"] == "near"
                      else "") + ".", ""]
+    dup_ids = counts.get("duplicate_ids") or {}
+    if dup_ids.get("rows"):
+        shown = "; ".join(f"`{i}` at {', '.join(where)}" for i, where in dup_ids["examples"].items())
+        lines += [f"Duplicate ids: {dup_ids['rows']:,} kept rows share their id with another row ({dup_ids['ids']:,} "
+                  f"ids, e.g. {shown}). Ids key the random scorer, k-means sampling and the training splits: "
+                  "make them unique.", ""]
+    for fmt, n in (counts.get("export_set_aside") or {}).items():
+        lines += [f"{n:,} selected rows left out of the {fmt} export (the format cannot hold them); each one with "
+                  f"its rank and reason: `selected.{fmt}.set_aside.jsonl`.", ""]
     if counts.get("repr_filter"):
         r = counts["repr_filter"]
         lines += [f"Repr filter: {r['scanned']:,} rows scanned in score order, {r['kept']:,} kept, "

@@ -20,13 +20,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 log = logging.getLogger("alignment")
 
 TB_DIR = "runs"  # where transformers' TensorBoard callback writes, under the trainer's output_dir
 
 
-class TrainError(ValueError):
+class TrainError(InputError, ValueError):
     pass
+
+
+class NonFiniteError(TrainError):
+    """Training met a non-finite loss, gradient norm or weight: the run stops at that step, on every rank.
+
+    ``step``, ``metrics`` (the non-finite values by name) and ``history`` (every log entry up to and including
+    that step) travel with the error out of the Ray Train workers (an exception pickles its ``__dict__``).
+    """
+
+    def __init__(self, message: str, step: int | None = None, metrics: dict[str, float] | None = None,
+                 history: list[dict] | None = None):
+        super().__init__(message)
+        self.step, self.metrics, self.history = step, metrics or {}, history or []
+
+
+NONFINITE_CAUSES = ("usual causes: a learning rate too high for the model, fp16 overflow, starting weights that are "
+                    "already non-finite, or rows with no completion token within max_length (length-averaged "
+                    "losses divide by zero; such rows are set aside before training, see the stage's set_aside.jsonl)")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -55,6 +75,77 @@ def split_rows(rows: list[dict], seed: int, eval_rows: int, num_rows: int | None
             raise TrainError(f"num_pairs={num_rows} but only {len(rest)} rows are left after {eval_rows} eval rows")
         rest = rest[:num_rows]
     return rest, held
+
+
+def _answers(row: dict) -> tuple[str, ...]:
+    return ("completion",) if "completion" in row else ("chosen", "rejected")
+
+
+def _set_aside(row: dict, field: str, why: str) -> dict:
+    return {**{k: row[k] for k in ("id", "source", "row") if k in row}, "field": field, "error": why}
+
+
+def trainable_rows(method: str, rows: list[dict], tok: Any, max_length: int) -> tuple[list[dict], list[dict]]:
+    """(rows that can train, a set-aside record per row that cannot, with its field and reason).
+
+    A row cannot train when no completion token is left within ``max_length`` (the prompt, in the chat template,
+    fills it: TRL's DPO and KTO then drop the row silently, its CPO, SimPO and ORPO average over zero tokens and
+    turn the weights NaN), when an answer is empty, or when chosen and rejected are the same answer. Token counts
+    follow the trainers: the prompt templated with the generation prompt, the completion as the rest of
+    prompt + answer; CPO, SimPO and ORPO add a BOS token where the prompt lacks one. sft rows: the prompt is
+    everything before the first assistant turn.
+    """
+    aside: list[dict] = []
+    candidates: list[dict] = []
+    for r in rows:
+        if method != "sft":
+            empty = next((a for a in _answers(r) if not str(r[a]).strip()), None)
+            if empty:
+                aside.append(_set_aside(r, empty, "empty answer"))
+                continue
+            if "chosen" in r and r["chosen"].strip() == r["rejected"].strip():
+                aside.append(_set_aside(r, "rejected", "the same answer as chosen: the pair states no preference"))
+                continue
+        candidates.append(r)
+
+    def render(messages: list[dict], generation: bool = False) -> str:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    prefixes, fulls = [], []
+    for r in candidates:
+        if method == "sft":
+            first = next(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+            prompt, answers = r["messages"][:first], [r["messages"][first]]
+        else:
+            prompt, answers = r["prompt"], [{"role": "assistant", "content": r[a]} for a in _answers(r)]
+        prefixes.append(render(prompt, generation=True))
+        fulls.append([render(prompt + [a]) for a in answers])
+    flat = [t for texts in fulls for t in texts]
+    ids = tok(prefixes + flat, add_special_tokens=False)["input_ids"] if candidates else []
+    prefix_ids, full_lens = ids[:len(prefixes)], iter(len(x) for x in ids[len(prefixes):])
+    bos = tok.bos_token_id if method in ("cpo", "simpo", "orpo") else None
+    kept = []
+    for r, p, texts in zip(candidates, prefix_ids, fulls):
+        prompt_len = len(p) + (1 if bos is not None and (not p or p[0] != bos) else 0)
+        completion = min(next(full_lens) - len(p) for _ in texts)
+        if prompt_len >= max_length or completion < 1:
+            what = "the prompt is" if method != "sft" else "the turns before the first answer are"
+            aside.append(_set_aside(r, "messages" if method == "sft" else "prompt",
+                                    f"no completion token within max_length={max_length}: {what} {prompt_len} "
+                                    f"tokens in the chat template, the answer {max(completion, 0)}"))
+        else:
+            kept.append(r)
+    return kept, aside
+
+
+def check_batch(rows: int, settings: dict[str, Any], num_workers: int, method: str) -> None:
+    """Too few rows for one optimizer step of every worker is an error before any worker starts."""
+    need = settings["per_device_batch_size"] * settings["gradient_accumulation_steps"] * num_workers
+    if rows < need:
+        raise TrainError(f"{method}: {rows} training rows left, fewer than one optimizer step takes ({need} = "
+                         f"per_device_batch_size {settings['per_device_batch_size']} x gradient_accumulation_steps "
+                         f"{settings['gradient_accumulation_steps']} x {num_workers} workers); add data, lower "
+                         "eval_rows or the batch size, or raise max_length")
 
 
 def method_dataset(rows: list[dict], method: str) -> list[dict]:
@@ -117,6 +208,9 @@ def _common_args(s: dict[str, Any], output_dir: str) -> dict[str, Any]:
         "lr_scheduler_type": s["lr_scheduler_type"],
         "warmup_steps": math.ceil(s["warmup_ratio"] * s["max_steps"]),
         "logging_steps": s["logging_steps"],
+        # A non-finite loss is logged as it is (the Trainer's default logged 0.0 for an all-NaN window) and stops
+        # training (_finite_guard).
+        "logging_nan_inf_filter": False,
         "save_strategy": "no",  # SaveAtSteps decides
         "eval_strategy": "no",  # evaluated at every saved step, by SaveAtSteps
         "save_only_model": s.get("save_only_model", False),
@@ -145,7 +239,9 @@ def _load_model(path: str, use_gpu: bool, lora: bool = False):
     dtype = torch.bfloat16 if use_gpu and lora else torch.float32
     if use_gpu:
         models.varying_length_attention()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    models.check_finite(model, path)
+    return model
 
 
 def _tokenizer(model_path: str, chat_template: str | None):
@@ -244,6 +340,7 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
         processing_class=tok, **kwargs,
     )
     trainer.add_callback(_throughput_callback(TokenCounter(trainer.model)))
+    trainer.add_callback(_finite_guard(method))  # after the TensorBoard and throughput callbacks: they log first
     return trainer
 
 
@@ -343,6 +440,42 @@ def _throughput_callback(counter: TokenCounter):
     return Throughput()
 
 
+WATCHED = ("loss", "grad_norm", "eval_loss")  # what a non-finite value of stops training
+
+
+def _finite_guard(stage: str):
+    """Stops training at the first logged non-finite loss, gradient norm or eval loss, raising
+    :class:`NonFiniteError`. Every rank logs the same values (the loss is averaged over ranks, the gradient norm
+    is global), so every rank stops at the same step; the step's checkpoint, saved after its log, is never
+    written."""
+    from transformers import TrainerCallback
+
+    class FiniteGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bad = {k: v for k, v in (logs or {}).items()
+                   if k in WATCHED and isinstance(v, float) and not math.isfinite(v)}
+            if bad:
+                values = ", ".join(f"{k}={v}" for k, v in bad.items())
+                raise NonFiniteError(f"{stage}: non-finite {values} at step {state.global_step} of "
+                                     f"{state.max_steps}; training stopped there, and no checkpoint from that "
+                                     f"step on is kept ({NONFINITE_CAUSES})",
+                                     state.global_step, bad, list(state.log_history))
+
+    return FiniteGuard()
+
+
+def _check_saved_weights(stage: str, step: int, model, log_history: list[dict]) -> None:
+    """Every rank checks its weights (its shard under FSDP2) before a checkpoint is reported; all of them raise
+    if any rank found a non-finite one."""
+    from . import models
+
+    bad = models.nonfinite_weights(model)
+    if _all_ranks_sum(float(len(bad))) > 0:
+        raise NonFiniteError(f"{stage}: non-finite weights at step {step} (first on this rank: "
+                             f"{', '.join(bad[:3]) or 'none'}); the checkpoint is not kept ({NONFINITE_CAUSES})",
+                             step, {"weights": float("nan")}, list(log_history))
+
+
 def _last_logged(log_history: list[dict], step: int) -> dict[str, float]:
     """The training metrics logged at or before ``step`` (loss, rewards/..., learning_rate), and the eval
     loss logged at ``step``."""
@@ -381,7 +514,7 @@ def run_facts(trainer) -> dict[str, Any]:
             "lora": bool(getattr(trainer.model, "peft_config", None))}
 
 
-def _save_and_report_callback(save_steps: list[int], has_eval: bool, trainer):
+def _save_and_report_callback(stage: str, save_steps: list[int], has_eval: bool, trainer):
     """Save (and evaluate) at exactly ``save_steps``; report each checkpoint to Ray Train (kept, never rotated)."""
     from transformers import TrainerCallback
 
@@ -396,6 +529,7 @@ def _save_and_report_callback(save_steps: list[int], has_eval: bool, trainer):
             import ray.train
 
             step = state.global_step
+            _check_saved_weights(stage, step, trainer.model, state.log_history)
             metrics = {**_last_logged(state.log_history, step), "step": step, "epoch": state.epoch or 0.0,
                        **{k: v for k, v in run_facts(trainer).items() if v is not None}}
             ckpt_dir = Path(args.output_dir) / f"checkpoint-{step}"
@@ -433,7 +567,7 @@ def train_loop(job: dict[str, Any]) -> None:
     trainer = build_trainer(job["method"], rows, model_path, job["settings"], output_dir,
                             job.get("chat_template"), eval_rows)
     # (Ray's prepare_trainer only matters for Ray Data iterables; these are in-memory datasets.)
-    trainer.add_callback(_save_and_report_callback(job["save_steps"], bool(eval_rows), trainer))
+    trainer.add_callback(_save_and_report_callback(job["method"], job["save_steps"], bool(eval_rows), trainer))
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
@@ -481,9 +615,14 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
-    result = trainer.fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise _train_error(e) or e from None
     if result.error:
-        raise result.error
+        raise _train_error(result.error) or result.error
     checkpoints = []
     for ckpt, metrics in result.best_checkpoints:
         checkpoints.append({"step": int(metrics["step"]), "path": storage_uri(storage_path, ckpt.path),
@@ -499,6 +638,31 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     facts = {k: last[k] for k in ("strategy", "world_size", "device", "dtype", "weights", "backend", "lora") if k in last}
     return {"checkpoints": checkpoints, "history": history, "facts": facts,
             "tensorboard": storage_uri(storage_path, latest.path.rstrip("/") + "/tensorboard")}
+
+
+def write_tensorboard(history: list[dict], log_dir: str | Path) -> None:
+    """TensorBoard events of a log history, named as the Trainer's callback names them (``train/loss``,
+    ``eval/loss``): the log of a run that failed in its workers, NaN values as they are."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for entry in history:
+            for key, value in entry.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    writer.add_scalar(name, value, entry.get("step", 0))
+
+
+def _train_error(error: BaseException) -> TrainError | None:
+    """The project's own error that a worker raised (a non-finite loss, a bad row), out of Ray Train's wrapping."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in failures.values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, TrainError):
+                return seen
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
 
 
 def storage_uri(storage_path: str, fs_path: str) -> str:

@@ -131,5 +131,6 @@ def test_report_plot_names_only_what_the_search_varied(tmp_path):
 def test_credentials_in_the_storage_uri_are_refused_and_never_echoed(uri, which):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"resources.storage_path={uri}", "run_dir=/tmp/x"])
-    assert f"credentials in the storage URI ({which})" in str(e.value) and "hunter2" not in str(e.value)
+    assert f"credentials in the URI ({which})" in str(e.value) and "hunter2" not in str(e.value)
+    assert "resources.storage_path" in str(e.value)
     assert load_config(None, ["resources.storage_path=s3://bucket/runs?region=eu-west-1"]).resources.storage_path

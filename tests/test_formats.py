@@ -31,10 +31,12 @@ def test_real_hh_rlhf_transcripts_become_prompt_chosen_rejected():
     with gzip.open(path, "rt") as f:
         raw = [json.loads(line) for line in f]
     assert len(good) + len(bad) == len(raw) == 2312
-    # rows whose final Assistant turn is empty are set aside with that reason, not dropped
+    # rows whose final Assistant turn is empty, or whose turns do not alternate, are set aside with that
+    # reason, not dropped
     assert bad and all(b["field"] in ("chosen", "rejected") for b in bad)
-    assert {b["error"] for b in bad} <= {"the final Assistant turn is empty",
-                                          "chosen and rejected transcripts differ before their final Assistant turn"}
+    assert {b["error"] for b in bad if not b["error"].startswith("two assistant turns in a row (turn ")} <= {
+        "the final Assistant turn is empty", "chosen and rejected transcripts differ before their final Assistant turn"}
+    assert sum(b["error"].startswith("two assistant turns in a row") for b in bad) == 9
     r = good[0]
     src = raw[r["row"]]
     assert r["prompt"][0]["role"] == "user" and r["prompt"][-1]["role"] == "user"

@@ -16,10 +16,12 @@ def test_openai_compatible_endpoint(fake_endpoint):
     prompts = [{"id": "a", "messages": [{"role": "user", "content": "hi"}]},
                {"id": "b", "messages": [{"role": "user", "content": "please fail"}]}]
     out = endpoints.complete_openai(prompts, "judge-model", endpoints.Endpoint("TEST_JUDGE_URL", "TEST_JUDGE_KEY"),
-                                    max_tokens=16)
+                                    max_tokens=16, retry=endpoints.Retry(max_retries=1, backoff_s=0.0))
     assert [o["id"] for o in out] == ["a", "b"]
     assert out[0]["answer"].startswith("8 3") and out[0]["num_new_tokens"] == 5 and out[0]["error"] is None
-    assert out[1]["answer"] == "" and "500" in out[1]["error"]  # an error, never a made-up answer
+    # an error, never a made-up answer, after its one retry (a 500 may pass on a second try)
+    assert out[1]["answer"] == "" and out[1]["error_kind"] == "http 500" and "500" in out[1]["error"]
+    assert sum("please fail" in r["body"]["messages"][-1]["content"] for r in fake_endpoint) == 2
     req = fake_endpoint[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-secret-123"
     assert req["body"]["temperature"] == 0.0 and req["body"]["max_tokens"] == 16

@@ -221,11 +221,15 @@ def test_rating_scorer_through_an_endpoint(ray_local, tmp_path, fake_endpoint):
     rows = [{"id": "ok", "instruction": "Name a tree.", "output": "Oak."},
             {"id": "down", "instruction": "please fail", "output": "x"}]
     src = write_jsonl(tmp_path / "pool.jsonl", rows)
-    rating = {"backend": "openai", "model": "rater", "api_base_env": "TEST_JUDGE_URL", "api_key_env": "TEST_JUDGE_KEY"}
+    # One row of two failing is over the default max_failed_fraction (tests/test_endpoints.py): allowed here.
+    rating = {"backend": "openai", "model": "rater", "api_base_env": "TEST_JUDGE_URL", "api_key_env": "TEST_JUDGE_KEY",
+              "max_failed_fraction": 0.5, "max_retries": 1, "retry_backoff_s": 0.0}
     r = select.run_select([str(src)], "auto", 1, select.spec(scorers=["rating"], rating=rating), tmp_path)
     sel = pq.read_table(r["outputs"]["selected"]).to_pylist()
     assert [(s["id"], s["score_rating"]) for s in sel] == [("ok", 3.0)]  # "8 3" -> the first digit in 1..5
     aside = [json.loads(line) for line in open(r["outputs"]["set_aside"])]
     assert aside[0]["id"] == "down" and aside[0]["field"] == "score_rating" and "500" in aside[0]["error"]
+    assert r["counts"]["set_aside_reasons"] == {"score_rating: endpoint http 500": 1}
+    assert r["counts"]["rating_requests"] == {"rows": 2, "answered_earlier": 0, "failed": {"http 500": 1}}
     assert "sk-secret-123" not in json.dumps(r) + open(r["outputs"]["set_aside"]).read()
     assert any("Name a tree." in r["body"]["messages"][0]["content"] for r in fake_endpoint)
