@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from . import embed, endpoints, formats, generate, judge, models, report, search, select, train
 from .config import ConfigError, ExperimentConfig, config_dict
 from .errors import AlignmentError
-from .manifest import fingerprint, run_stage, write_json
+from .manifest import digest, fingerprint, run_stage, write_json
 
 log = logging.getLogger("alignment")
 
@@ -60,6 +60,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# Endpoint settings of how requests are sent, left out of a stage's key (``select.rating``, ``judge``).
+SENDING = ("max_retries", "retry_backoff_s", "max_failed_fraction", "tasks")
 
 
 def _files(patterns: list[str], what: str, run_dir: str | None = None) -> dict[str, str]:
@@ -105,6 +109,9 @@ def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
     conf = {"k": k, "format": cfg.data.sft_format, "allow_fewer": s.allow_fewer,
             "tokenizer": cfg.model.base if tokenizer else None,
             **{key: value for key, value in spec.items() if key != "tokenizer"}}
+    # How the rating requests are sent is not what they ask (as for the judge): a re-run with more retries or a
+    # higher max_failed_fraction keeps the stage's directory and the answers a failed run stored there.
+    conf["rating"] = {key: value for key, value in conf["rating"].items() if key not in SENDING}
     return run_stage(cfg.run_dir, "select", f"k{k}", conf, inputs,
                      lambda d: select.run_select(list(files), cfg.data.sft_format, k, spec, d, s.allow_fewer,
                                                  s.batch_size))
@@ -283,7 +290,11 @@ def generate_stage(cfg: ExperimentConfig, model: str, label: str) -> dict[str, A
     g = config_dict(cfg.generate)
     conf = {"backend": g["backend"], "max_new_tokens": g["max_new_tokens"], "max_eval_prompts": cfg.data.max_eval_prompts,
             "model": model}
-    inputs = {"prompts": fingerprint(cfg.data.eval_prompts), "model": fingerprint(model)}
+    prompt_files = _files([cfg.data.eval_prompts] if cfg.data.eval_prompts else [], "eval_prompts", cfg.run_dir)
+    # One file: its fingerprint, as before; a directory or glob: its files' (never the run's own outputs).
+    prompts_fp = (prompt_files[cfg.data.eval_prompts] if list(prompt_files) == [cfg.data.eval_prompts]
+                  else digest(prompt_files))
+    inputs = {"prompts": prompts_fp, "model": fingerprint(model)}
 
     def work(d: Path) -> dict[str, Any]:
         prompts, bad = eval_prompts(cfg)
@@ -341,8 +352,7 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
     judge_model = models.resolve(j.model) if j.backend == "local" else j.model
     # How requests are sent is not what they ask: a change to these keeps the stage's directory, so a re-run
     # with, say, more retries still finds the answers stored by the failed run.
-    conf = {k: v for k, v in config_dict(j).items()
-            if k not in ("timeout_s", "max_retries", "retry_backoff_s", "max_failed_fraction")}
+    conf = {k: v for k, v in config_dict(j).items() if k not in ("timeout_s", *SENDING)}
     conf["judge_model"] = judge_model
     inputs = {"target": fingerprint(target["outputs"]["answers"]), "baseline": fingerprint(baseline["outputs"]["answers"])}
     if j.backend == "local":
@@ -444,7 +454,7 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
             names["select.deita.quality_model"] = s.deita.quality_model
         if "rating" in s.scorers:
             if s.rating.backend == "openai":
-                _endpoint_set("select.rating", s.rating.api_base_env)
+                _endpoint_set("select.rating", s.rating.api_base_env, s.rating.api_key_env)
             else:
                 names["select.rating.model"] = s.rating.model
         if s.selector in ("repr_filter", "kmeans"):
@@ -462,7 +472,7 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
         names["judge.baseline" if cfg.judge.baseline else "model.base"] = cfg.judge.baseline or cfg.model.base
     if "judge" in stages:
         if cfg.judge.backend == "openai":
-            _endpoint_set("judge", cfg.judge.api_base_env)
+            _endpoint_set("judge", cfg.judge.api_base_env, cfg.judge.api_key_env)
         else:
             names["judge.model"] = cfg.judge.model
     template = cfg.model.chat_template
@@ -498,10 +508,15 @@ def _check_data(key: str, patterns: list[str], run_dir: str) -> None:
             raise formats.DataError(f"{key}: {e}") from None
 
 
-def _endpoint_set(section: str, env: str) -> None:
+def _endpoint_set(section: str, env: str, key_env: str) -> None:
+    """The endpoint's URL is set and its key, if any, can be sent (both checked as the stage will check them)."""
     if not os.environ.get(env):
         raise ConfigError(f"{section}.backend is openai, but the endpoint URL is not set: export {env}=https://.../v1 "
                           f"(the variable {section}.api_base_env names)")
+    try:
+        endpoints.Endpoint(env, key_env)
+    except endpoints.GenerationError as e:
+        raise ConfigError(f"{section}.api_key_env: {e}") from None
 
 
 def report_only(cfg: ExperimentConfig) -> dict[str, str]:

@@ -348,3 +348,18 @@ def test_zero_selected_rows_is_an_error_even_with_allow_fewer(ray_local, tmp_pat
     with pytest.raises(select.SelectError, match=r"no rows to select.*score_rating: unparsed rating \(3\)"):
         select.run_select([pool(tmp_path, *"abc")], "auto", 2, select.spec(scorers=["rating"], rating=rating()),
                           tmp_path, allow_fewer=True)
+
+
+def test_a_select_rerun_with_a_raised_fraction_keeps_its_directory_and_stored_answers(ray_local, tmp_path, serve):
+    ep = serve(lambda n, text, auth: ok("3") if "task ok" in text else status(503, "overloaded"))
+    src = pool(tmp_path, "ok1", "ok2", "ok3", "f1")
+    exp = {"run_dir": str(tmp_path / "run"), "data": {"sft": [src]},
+           "select": {"k": 3, "scorers": ["rating"], "rating": rating()}}
+    with pytest.raises(select.SelectError, match="select.rating.max_failed_fraction=0.01"):
+        pipeline.select_stage(ExperimentConfig.model_validate(exp))
+    (stage_dir,) = (Path(exp["run_dir"]) / "select").iterdir()
+    exp["select"]["rating"] = rating(max_failed_fraction=0.5, max_retries=0, tasks=2)
+    done = pipeline.select_stage(ExperimentConfig.model_validate(exp))
+    assert done["status"] == "complete" and done["dir"] == str(stage_dir)
+    assert [text.split("task ")[1][:2] for text, _ in ep.hits[4 + 2:]] == ["f1"]  # the answered rows: not sent
+    assert done["counts"]["rating_requests"] == {"rows": 4, "answered_earlier": 3, "failed": {"http 503": 1}}

@@ -181,6 +181,18 @@ def test_an_openai_judge_without_its_url_is_a_config_error(tmp_path, capsys, no_
     assert rc == 2 and "judge.backend is openai" in one_error_line(lines) and "NO_SUCH_URL_VAR" in lines[0]
 
 
+def test_an_endpoint_key_that_cannot_be_sent_is_refused_before_ray_without_showing_it(tmp_path, capsys, no_ray,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("TEST_RATER_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("TEST_RATER_KEY", f"sk-{SECRET} pasted twice")
+    rc, lines = run_cli(capsys, "select", "--config", str(experiment(tmp_path)), "select.scorers=[rating]",
+                        "select.rating.backend=openai", "select.rating.api_base_env=TEST_RATER_URL",
+                        "select.rating.api_key_env=TEST_RATER_KEY")
+    text = one_error_line(lines)
+    assert rc == 2 and text.startswith("error: select.rating.api_key_env: the API key in TEST_RATER_KEY holds")
+    assert SECRET not in text and not no_ray
+
+
 # ------------------------------------------------------------------------------------------ secrets
 
 
