@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import AlignmentError, InputError, unwrap
 
 log = logging.getLogger("alignment")
 
@@ -620,9 +620,12 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     try:
         result = trainer.fit()
     except TrainingFailedError as e:
-        raise _train_error(e) or e from None
-    if result.error:
-        raise _train_error(result.error) or result.error
+        result = e
+    error = result if isinstance(result, BaseException) else result.error
+    if error:
+        # The project's own error a worker raised (a non-finite loss, its log with it), not Ray Train's wrapping.
+        known = unwrap(error)
+        raise known if isinstance(known, AlignmentError) else error
     checkpoints = []
     for ckpt, metrics in result.best_checkpoints:
         checkpoints.append({"step": int(metrics["step"]), "path": storage_uri(storage_path, ckpt.path),
@@ -651,18 +654,6 @@ def write_tensorboard(history: list[dict], log_dir: str | Path) -> None:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                     writer.add_scalar(name, value, entry.get("step", 0))
-
-
-def _train_error(error: BaseException) -> TrainError | None:
-    """The project's own error that a worker raised (a non-finite loss, a bad row), out of Ray Train's wrapping."""
-    failures = getattr(error, "worker_failures", None) or {}
-    for failure in failures.values():
-        seen = failure
-        while seen is not None:
-            if isinstance(seen, TrainError):
-                return seen
-            seen = getattr(seen, "cause", None) or seen.__cause__
-    return None
 
 
 def storage_uri(storage_path: str, fs_path: str) -> str:
