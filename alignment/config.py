@@ -110,23 +110,12 @@ class DeitaConfig(ActorPoolConfig):
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
 
 
-class RatingConfig(ActorPoolConfig):
-    backend: Literal["transformers", "openai"] = Field(
-        "transformers", description="transformers: a local model in Ray Data actors; openai: an OpenAI-compatible endpoint."
-    )
-    model: str = Field("smollm2-135m-instruct", description="Local rater, or the endpoint's model name.")
-    prompt: str | None = Field(
-        None, description="Rating prompt with {instruction} and {response}; default: the built-in 1-5 prompt."
-    )
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
+class EndpointConfig(_Strict):
+    """An OpenAI-compatible endpoint (the openai backend of the rating scorer and the judge): where, and how
+    requests are sent again."""
+
     api_base_env: str = Field("OPENAI_BASE_URL", description="Environment variable holding the endpoint URL.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
-    concurrency: int = Field(8, ge=1, description="openai backend: requests in flight per Ray Data task.")
-    tasks: int = Field(
-        2, ge=1, description="openai backend: Ray Data tasks sending requests at a time, so that at most tasks x "
-        "concurrency requests are in flight.",
-    )
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(
         Retry.max_retries, ge=0, description="openai backend: tries after the first for a request that failed with "
@@ -136,6 +125,23 @@ class RatingConfig(ActorPoolConfig):
     retry_backoff_s: float = Field(
         Retry.backoff_s, ge=0, description="openai backend: the first retry waits up to this long, each next one up "
         "to twice as long.",
+    )
+
+
+class RatingConfig(ActorPoolConfig, EndpointConfig):
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="transformers: a local model in Ray Data actors; openai: an OpenAI-compatible endpoint."
+    )
+    model: str = Field("smollm2-135m-instruct", description="Local rater, or the endpoint's model name.")
+    prompt: str | None = Field(
+        None, description="Rating prompt with {instruction} and {response}; default: the built-in 1-5 prompt."
+    )
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    concurrency: int = Field(8, ge=1, description="openai backend: requests in flight per Ray Data task.")
+    tasks: int = Field(
+        2, ge=1, description="openai backend: Ray Data tasks sending requests at a time, so that at most tasks x "
+        "concurrency requests are in flight.",
     )
     max_failed_fraction: float = Field(
         0.01, ge=0, le=1, description="openai backend: the select stage fails, and is not kept as finished, when more "
@@ -467,13 +473,11 @@ class GenerateConfig(ActorPoolConfig):
     batch_size: int = Field(8, ge=1)
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(EndpointConfig):
     backend: Literal["local", "openai"] = Field(
         "local", description="local: a model through the generation backend; openai: an OpenAI-compatible endpoint."
     )
     model: str = Field("smollm2-135m-instruct", description="Local judge model, or the endpoint's model name.")
-    api_base_env: str = Field("OPENAI_BASE_URL", description="Environment variable holding the endpoint URL.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
     rule: Literal["strict", "sum"] = Field("strict", description="How the two orders combine (REFERENCE.md section 2).")
     max_new_tokens: int = Field(64, ge=1)
     format_example: bool = Field(
@@ -482,16 +486,6 @@ class JudgeConfig(_Strict):
     )
     baseline: str | None = Field(
         None, description="Model whose answers the trained model is compared with; default: model.base."
-    )
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(
-        Retry.max_retries, ge=0, description="openai backend: tries after the first for a request that failed with "
-        "HTTP 408, 429 or 5xx, a timeout or a connection error, each after an exponential, jittered wait (the "
-        "endpoint's Retry-After where it sends one; at most a minute).",
-    )
-    retry_backoff_s: float = Field(
-        Retry.backoff_s, ge=0, description="openai backend: the first retry waits up to this long, each next one up "
-        "to twice as long.",
     )
     max_failed_fraction: float = Field(
         0.0, ge=0, le=1, description="openai backend: the judge stage fails, and is not kept as finished, when more "
