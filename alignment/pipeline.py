@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,11 @@ def _training_outputs(d: Path, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reasons(aside: list[dict]) -> dict[str, int]:
-    """Set-aside rows counted by field and reason (the reason's text up to its first colon)."""
+    """Set-aside rows counted by field and reason (the reason's text up to its first colon, without the
+    particulars in parentheses: "two assistant turns in a row (turn 5 of the transcript)" counts as one)."""
     out: dict[str, int] = {}
     for r in aside:
-        key = f"{r['field']}: {r['error'].split(':')[0]}"
+        key = f"{r['field']}: {re.sub(r' ?[(][^)]*[)]', '', r['error'].split(':')[0])}"
         out[key] = out.get(key, 0) + 1
     return out
 
