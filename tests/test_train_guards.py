@@ -52,8 +52,8 @@ def test_the_rows_kept_are_the_rows_trl_trains_on(tiny_model, hh_pairs, tmp_path
     tok = models.tokenizer(str(tiny_model))
     kept, aside = train.trainable_rows("dpo", hh_pairs, tok, 256)
     assert kept and aside and len(kept) + len(aside) == len(hh_pairs)
-    dpo = train.build_trainer("dpo", kept, str(tiny_model), {**SETTINGS, "max_length": 256, "params": METHOD_PARAMS["dpo"]},
-                              str(tmp_path / "d"))
+    dpo_settings = {**SETTINGS, "max_length": 256, "params": METHOD_PARAMS["dpo"]}
+    dpo = train.build_trainer("dpo", kept, str(tiny_model), dpo_settings, str(tmp_path / "d"))
     assert len(dpo.train_dataset) == len(kept)
     kept, _ = train.trainable_rows("simpo", hh_pairs, tok, 256)
     simpo = train.build_trainer("simpo", kept, str(tiny_model), {**SIMPO, "max_length": 256}, str(tmp_path / "s"))
@@ -88,8 +88,8 @@ def test_a_non_finite_loss_stops_training_at_that_step_and_is_logged_as_nan(tiny
 def test_the_same_rows_set_aside_first_train_with_finite_values(tiny_model, hh_pairs, tmp_path):
     tok = models.tokenizer(str(tiny_model))
     kept, _ = train.trainable_rows("orpo", hh_pairs, tok, 256)
-    trainer = train.build_trainer("orpo", kept, str(tiny_model), {**SIMPO, "max_length": 256, "params": METHOD_PARAMS["orpo"]},
-                                  str(tmp_path))
+    orpo = {**SIMPO, "max_length": 256, "params": METHOD_PARAMS["orpo"]}
+    trainer = train.build_trainer("orpo", kept, str(tiny_model), orpo, str(tmp_path))
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 4 and all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in logged)
