@@ -646,7 +646,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# An *_env key names an environment variable, upper case by convention: a key pasted there by mistake is mostly
+# lower case (sk-..., gsk_..., hex tokens) and is refused before it could reach a manifest.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def _credentials(value: str) -> list[str]:
@@ -678,8 +680,8 @@ def _secrets(raw: Any, key: str = "") -> list[str]:
     if found:
         return [f"  {key}: " + CREDENTIALS_MESSAGE.format(which=", ".join(found))]
     if key.endswith("_env") and not _ENV_NAME.fullmatch(raw):
-        return [f"  {key}: expected the name of an environment variable; the URL or key itself goes into that "
-                "variable, never into the config"]
+        return [f"  {key}: expected the name of an environment variable (upper-case letters, digits and _, e.g. "
+                "OPENAI_API_KEY); the URL or key itself goes into that variable, never into the config"]
     return []
 
 

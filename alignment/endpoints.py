@@ -105,12 +105,14 @@ def _http_failure(e: urllib.error.HTTPError) -> _Failure:
 
 def _post_once(url: str, payload: dict, api_key: str | None, timeout: float) -> dict:
     """One try: the answer and its token count, or a :class:`_Failure`."""
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
     try:
+        req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
+    except http.client.InvalidURL as e:  # no later try can succeed
+        raise _Failure("request", f"{type(e).__name__}: {e}", False) from None
     except urllib.error.HTTPError as e:
         raise _http_failure(e) from None
     except urllib.error.URLError as e:
@@ -136,9 +138,21 @@ class Endpoint:
     environment is the cluster's, not the driver's). Its repr never shows the key."""
 
     def __init__(self, base_url_env: str, api_key_env: str):
-        base = os.environ.get(base_url_env)
+        from urllib.parse import urlsplit
+
+        from .config import uri_credentials
+
+        base = (os.environ.get(base_url_env) or "").strip()
         if not base:
             raise GenerationError(f"the endpoint URL is not set: export {base_url_env}=https://.../v1")
+        # The URL is shown in errors and logs: one that carries a password or a key is refused, without showing it.
+        if uri_credentials(base):
+            raise GenerationError(f"the endpoint URL in {base_url_env} carries a credential; give the key through "
+                                  "the api_key_env variable instead (the URL is not shown)")
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise GenerationError(f"the endpoint URL in {base_url_env} is not an http(s)://host/... URL; set it as "
+                                  "https://host/v1")
         self.url = base.rstrip("/") + "/chat/completions"
         # A key pasted or read from a file often ends in a line break: stripped. One with whitespace or other
         # characters inside it cannot go into a header (http.client's error would print the header, key

@@ -51,6 +51,15 @@ class DataError(InputError, ValueError):
     """A file or a source that cannot be read at all (missing, unknown format)."""
 
 
+def reason_key(field: str, error: str) -> str:
+    """A set-aside row's reason as a countable kind: the field without its turn index, the error up to its first
+    colon or semicolon without particulars in parentheses, numbers blanked (an HTTP status kept:
+    ``score_rating: endpoint http 429``)."""
+    kind = re.sub(r" ?\([^)]*\)", "", error.split(";")[0].split(":")[0])
+    kind = re.sub(r"(?<!http )(?<![0-9])[0-9]+", "N", kind)
+    return re.sub(r"\[[0-9]+\]", "", field) + ": " + kind
+
+
 class RowError(ValueError):
     """A row that cannot be normalised; ``field`` names the offending field."""
 

@@ -12,6 +12,7 @@ import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from filelock import FileLock
 
@@ -145,6 +146,8 @@ def check(name: str) -> None:
         raise ModelError(f"{name} is {known}, not in the local Hugging Face cache, and the Hugging Face hub cannot "
                          "be reached (offline: HF_HUB_OFFLINE is set)")
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    parts = urlsplit(endpoint)  # shown in the error without any user:password in it
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     try:
         HfApi(endpoint=endpoint).model_info(name, timeout=HUB_TIMEOUT_S)
     except RepositoryNotFoundError:
@@ -152,7 +155,7 @@ def check(name: str) -> None:
                          "gated one needs HF_TOKEN)") from None
     except Exception as e:  # noqa: BLE001 - a refused connection, a timeout, a proxy's error page: all unreachable
         raise ModelError(f"{name} is {known}, not in the local Hugging Face cache, and the Hugging Face hub cannot "
-                         f"be reached (offline? {endpoint}: {type(e).__name__})") from None
+                         f"be reached (offline? {shown}: {type(e).__name__})") from None
 
 
 def materialize(path: str) -> str:

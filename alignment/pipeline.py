@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def _read_jsonl(path: str | Path) -> list[dict]:
 
 
 # Endpoint settings of how requests are sent, left out of a stage's key (``select.rating``, ``judge``).
-SENDING = ("max_retries", "retry_backoff_s", "max_failed_fraction", "tasks")
+SENDING = ("timeout_s", "concurrency", "max_retries", "retry_backoff_s", "max_failed_fraction", "tasks")
 
 
 def _files(patterns: list[str], what: str, run_dir: str | None = None) -> dict[str, str]:
@@ -128,11 +127,10 @@ def _training_outputs(d: Path, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reasons(aside: list[dict]) -> dict[str, int]:
-    """Set-aside rows counted by field and reason (the reason's text up to its first colon, without the
-    particulars in parentheses: "two assistant turns in a row (turn 5 of the transcript)" counts as one)."""
+    """Set-aside rows counted by kind (:func:`formats.reason_key`)."""
     out: dict[str, int] = {}
     for r in aside:
-        key = f"{r['field']}: {re.sub(r' ?[(][^)]*[)]', '', r['error'].split(':')[0])}"
+        key = formats.reason_key(r["field"], r["error"])
         out[key] = out.get(key, 0) + 1
     return out
 
@@ -161,7 +159,7 @@ def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: li
     """``train.fit`` once there are rows for a step on every worker. A run stopped by a non-finite value leaves its
     log (``metrics.jsonl``, TensorBoard events in ``tensorboard/``, the NaN included) before the stage fails."""
     try:
-        train.check_batch(len(rows), settings, res["num_workers"], method)
+        train.check_batch(len(train.method_dataset(rows, method)), settings, res["num_workers"], method)
     except train.TrainError as e:
         raise PipelineError(str(e)) from None
 
@@ -354,7 +352,7 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
     judge_model = models.resolve(j.model) if j.backend == "local" else j.model
     # How requests are sent is not what they ask: a change to these keeps the stage's directory, so a re-run
     # with, say, more retries still finds the answers stored by the failed run.
-    conf = {k: v for k, v in config_dict(j).items() if k not in ("timeout_s", *SENDING)}
+    conf = {k: v for k, v in config_dict(j).items() if k not in SENDING}
     conf["judge_model"] = judge_model
     inputs = {"target": fingerprint(target["outputs"]["answers"]), "baseline": fingerprint(baseline["outputs"]["answers"])}
     if j.backend == "local":
@@ -511,14 +509,14 @@ def _check_data(key: str, patterns: list[str], run_dir: str) -> None:
 
 
 def _endpoint_set(section: str, env: str, key_env: str) -> None:
-    """The endpoint's URL is set and its key, if any, can be sent (both checked as the stage will check them)."""
+    """The endpoint's URL is set and usable, and its key, if any, can be sent (checked as the stage will)."""
     if not os.environ.get(env):
         raise ConfigError(f"{section}.backend is openai, but the endpoint URL is not set: export {env}=https://.../v1 "
                           f"(the variable {section}.api_base_env names)")
     try:
         endpoints.Endpoint(env, key_env)
     except endpoints.GenerationError as e:
-        raise ConfigError(f"{section}.api_key_env: {e}") from None
+        raise ConfigError(f"{section}: {e}") from None
 
 
 def report_only(cfg: ExperimentConfig) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -495,12 +494,6 @@ def _embedding_spec(embedding: dict[str, Any] | None) -> dict[str, Any]:
     return e
 
 
-def _reason_key(field: str, error: str) -> str:
-    """A short, countable reason: the field and the error's kind, numbers blanked (an HTTP status kept:
-    ``endpoint http 429``)."""
-    return f"{field}: {re.sub(r'(?<!http )(?<![0-9])[0-9]+', 'N', error.split(';')[0].split(':')[0])}"
-
-
 def _main_reasons(reasons: dict[str, int], n: int = 3) -> str:
     """The ``n`` most common set-aside reasons with their counts, for an error message."""
     top = sorted(reasons.items(), key=lambda x: -x[1])
@@ -711,7 +704,7 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
                 aside_rows.append({"source": r["source"], "row": r["row"], "id": r["id"], "field": field,
                                    "error": r.get("score_error") or "no score"})
             for r in aside_rows:
-                key = _reason_key(r["field"], r["error"])
+                key = formats.reason_key(r["field"], r["error"])
                 reasons[key] = reasons.get(key, 0) + 1
                 aside.write(json.dumps(r) + "\n")
             if ranked.num_rows:

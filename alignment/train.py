@@ -139,7 +139,8 @@ def trainable_rows(method: str, rows: list[dict], tok: Any, max_length: int) -> 
 
 
 def check_batch(rows: int, settings: dict[str, Any], num_workers: int, method: str) -> None:
-    """Too few rows for one optimizer step of every worker is an error before any worker starts."""
+    """Too few rows (as the trainer takes them: KTO's pairs are two rows each) for one optimizer step of every
+    worker is an error before any worker starts."""
     need = settings["per_device_batch_size"] * settings["gradient_accumulation_steps"] * num_workers
     if rows < need:
         raise TrainError(f"{method}: {rows} training rows left, fewer than one optimizer step takes ({need} = "
@@ -445,9 +446,10 @@ WATCHED = ("loss", "grad_norm", "eval_loss")  # what a non-finite value of stops
 
 def _finite_guard(stage: str):
     """Stops training at the first logged non-finite loss, gradient norm or eval loss, raising
-    :class:`NonFiniteError`. Every rank logs the same values (the loss is averaged over ranks, the gradient norm
-    is global), so every rank stops at the same step; the step's checkpoint, saved after its log, is never
-    written."""
+    :class:`NonFiniteError`: at the step where it happens with ``logging_steps`` 1 (the default), else at the
+    next logging step (the logged loss averages the window, so a NaN in it shows). Every rank logs the same
+    values (the loss is averaged over ranks, the gradient norm is global), so every rank stops at the same step;
+    the step's checkpoint, saved after its log, is never written."""
     from transformers import TrainerCallback
 
     class FiniteGuard(TrainerCallback):

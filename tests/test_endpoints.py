@@ -197,6 +197,18 @@ def test_a_key_with_whitespace_inside_is_refused_without_showing_it(monkeypatch,
     assert "sk-test" not in str(e.value) and "0123456789" not in str(e.value)
 
 
+@pytest.mark.parametrize("url,why", [("https://user:pw-0123456789@example.invalid/v1", "carries a credential"),
+                                     ("https://example.invalid/v1?api_key=pw-0123456789", "carries a credential"),
+                                     ("example.invalid/v1", "not an http(s)://host"),
+                                     ("localhost:8000/v1", "not an http(s)://host")])
+def test_an_endpoint_url_with_a_credential_or_without_a_scheme_is_refused(monkeypatch, url, why):
+    monkeypatch.setenv("TEST_EP_URL", url)
+    monkeypatch.setenv("TEST_EP_KEY", KEY)
+    with pytest.raises(endpoints.GenerationError, match="TEST_EP_URL") as e:
+        endpoints.Endpoint("TEST_EP_URL", "TEST_EP_KEY")
+    assert why in str(e.value) and "pw-0123456789" not in str(e.value)
+
+
 def test_an_error_text_never_holds_the_key(serve):
     # An endpoint (or proxy) that echoes the request's Authorization header in its error body.
     serve(lambda n, text, auth: status(401, f"invalid credentials: {auth}"), key=KEY + "\n")

@@ -11,6 +11,7 @@ import pytest
 
 from alignment import formats, models, pipeline, train
 from alignment.config import METHOD_PARAMS, load_config
+from alignment.manifest import run_stage
 
 from conftest import shared
 from test_train import SETTINGS
@@ -137,7 +138,7 @@ def test_pref_stage_sets_rows_aside_and_a_nan_run_fails_with_its_log(ray_local, 
     assert c["pairs_read"] == c["pairs_kept"] + c["pairs_set_aside"]
     assert c["pairs_kept"] == c["pairs_used"] + c["pairs_eval"] + c["pairs_unused"]
     assert c["pairs_used"] == 4 and c["pairs_eval"] == 2
-    reason = "prompt: no completion token within max_length=256"
+    reason = "prompt: no completion token within max_length=N"
     aside = [json.loads(line) for line in Path(m["outputs"]["set_aside"]).read_text().splitlines()]
     assert c["set_aside_reasons"][reason] == sum(a["error"].startswith("no completion") for a in aside) > 0
     assert sum(c["set_aside_reasons"].values()) == c["pairs_set_aside"] == len(aside)
@@ -147,13 +148,19 @@ def test_pref_stage_sets_rows_aside_and_a_nan_run_fails_with_its_log(ray_local, 
     # Rows that bypass the check (train.fit directly) make SimPO's loss NaN: the workers stop at step 1 and the
     # driver gets the project's error, not Ray Train's wrapping; the stage's log keeps the NaN.
     res = pipeline._resources(cfg)
-    d = tmp_path / "failed-stage"
-    d.mkdir()
     settings = train.train_settings(pipeline.config_dict(cfg.pref), cfg.seed, "simpo", cfg.pref.method_params())
+    settings["max_length"] = 128
+
+    def work(d: Path) -> dict:  # a checkpoint is due at the NaN step itself (step 1): it must not be written
+        return pipeline._fit(cfg, d, "simpo", hh_pairs[:8], [], str(tiny_model), settings, [1, 2], res)
+
     with pytest.raises(pipeline.PipelineError, match=r"simpo: non-finite .*at step 1 of 2.*usual causes"):
-        pipeline._fit(cfg, d, "simpo", hh_pairs[:8], [], str(tiny_model), {**settings, "max_length": 128}, [2], res)
+        run_stage(cfg.run_dir, "pref", "nan", {"case": "nan"}, {}, work)
+    (d,) = (Path(cfg.run_dir) / "pref").glob("nan-*")
     logged = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert math.isnan(logged[0]["loss"]) and list((d / "tensorboard").glob("events.out.tfevents.*"))
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "loss=nan" in manifest["error"]
     assert not list(d.rglob("checkpoint_*")), "a checkpoint of the NaN run was kept"
 
 
