@@ -139,9 +139,7 @@ def _trainable(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], as
                max_length: int) -> tuple[list[dict], list[dict]]:
     """The rows that can train (counted with the tokenizer of ``model_name``, the model the start weights come
     from), and every set-aside record so far, written to ``set_aside.jsonl``."""
-    tok = models.tokenizer(models.resolve(model_name), cfg.model.chat_template)
-    if tok.chat_template is None:
-        raise PipelineError(f"{model_name} has no chat template; set model.chat_template to a .jinja file")
+    tok = train.chat_tokenizer(models.resolve(model_name), cfg.model.chat_template)  # the trainers' own check
     rows, untrainable = train.trainable_rows(method, rows, tok, max_length)
     aside = aside + untrainable
     _write_jsonl(d / "set_aside.jsonl", aside)

@@ -245,7 +245,7 @@ def _load_model(path: str, use_gpu: bool, lora: bool = False):
     return model
 
 
-def _tokenizer(model_path: str, chat_template: str | None):
+def chat_tokenizer(model_path: str, chat_template: str | None):
     """A fresh tokenizer (trainers modify it) that has a chat template."""
     from . import models
 
@@ -316,7 +316,7 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
     from . import models
 
     config_cls, trainer_cls, method_args = _trainer_classes(method)
-    tok = _tokenizer(model_path, chat_template)
+    tok = chat_tokenizer(model_path, chat_template)
     extra: dict[str, Any] = {}
     if method == "sft":
         if settings["assistant_only_loss"]:
