@@ -17,7 +17,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from . import embed, endpoints, formats, generate, judge, models, report, search, select, train
+from . import endpoints, formats, models, report, search
+from .evaluate import generate
+from .evaluate import pairwise as judge
+from .select import embed
+from .select import stage as select
+from .train import fit as train
 from .config import ConfigError, ExperimentConfig, config_dict
 from .errors import AlignmentError
 from .manifest import digest, fingerprint, run_stage, write_json

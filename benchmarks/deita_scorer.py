@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignment import formats, models, scoring  # noqa: E402
+from alignment import formats, models  # noqa: E402
+from alignment.select import scoring  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "sft"
 FILES = ["alpagasus_alpaca_1k.json", "evol_instruct_1k.json", "lima_1k.json"]

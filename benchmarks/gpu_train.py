@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from alignment import formats, train  # noqa: E402
+from alignment import formats  # noqa: E402
+from alignment.train import fit as train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASHEET_TFLOPS = 989.0  # H100 SXM, dense bf16

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment import diversity  # noqa: E402
+from alignment.select import diversity  # noqa: E402
 
 
 def make_pool(rows: int, clusters: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

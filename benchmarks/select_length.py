@@ -34,7 +34,9 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignment import formats, models, scoring, select  # noqa: E402
+from alignment import formats, models  # noqa: E402
+from alignment.select import scoring  # noqa: E402
+from alignment.select import stage as select  # noqa: E402
 from quickstart import tree_memory  # noqa: E402  (benchmarks/quickstart.py)
 
 VOCAB = ("the a of to and in is it that for on with as was be by this are from or an at which can use data model "

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from alignment import formats, models, train  # noqa: E402
+from alignment import formats, models  # noqa: E402
+from alignment.train import fit as train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

@@ -10,9 +10,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+EXAMPLES = ROOT / "examples" / "data"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -168,3 +170,35 @@ def fake_endpoint(monkeypatch):
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
     yield _FakeOpenAI.seen
     server.shutdown()
+
+
+# Trainer settings of the unit tests (train.build_trainer's settings dict).
+SETTINGS = {"max_steps": 10, "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+            "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "logging_steps": 1, "max_length": 128,
+            "save_only_model": True, "gradient_checkpointing": None, "lora": None, "seed": 0, "use_gpu": False}
+
+
+def tiny_experiment(tmp_path: Path, tiny_model: Path) -> dict:
+    return {
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"base": str(tiny_model)},
+        "data": {"sft": [str(EXAMPLES / "sft_alpaca.jsonl"), str(EXAMPLES / "sft_sharegpt.json")],
+                 "preferences": [str(EXAMPLES / "preferences_hh.jsonl")],
+                 "eval_prompts": str(EXAMPLES / "eval_prompts.jsonl"), "max_eval_prompts": 4},
+        "select": {"k": 8, "length_unit": "tokens"},
+        "sft": {"max_steps": 4, "save_at": [2, 4], "learning_rate": 1e-3, "per_device_batch_size": 2,
+                "max_length": 128, "save_only_model": True},
+        "pref": {"start_from": "sft", "sft_step": 2, "max_steps": 2, "learning_rate": 1e-3,
+                 "per_device_batch_size": 2, "max_length": 128, "num_pairs": 8},
+        "generate": {"max_new_tokens": 8, "batch_size": 4, "cpus_per_actor": 1.0},
+        "judge": {"model": str(tiny_model), "rule": "sum", "max_new_tokens": 6},
+        "search": {"k": [8], "sft_step": [2, 4]},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "cpus_per_trial": 0.5},
+    }
+
+
+def write_config(tmp_path: Path, exp: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path

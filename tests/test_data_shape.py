@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from alignment import formats, manifest, select
+from alignment import formats, manifest
+from alignment.select import stage as select
 from conftest import write_jsonl
 
 
@@ -108,7 +109,7 @@ def test_the_select_read_path_uses_the_same_ids(tmp_path):
     (table,) = list(select.read_batch(batch, "auto"))
     ids = table["id"].to_pylist()
     assert ids == ["a/train.jsonl:0", "b/train.jsonl:0"]
-    from alignment import scoring
+    from alignment.select import scoring
 
     assert len(set(scoring.random_scores(ids, 0))) == 2
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from alignment import endpoints, pipeline, select
+from alignment import endpoints, pipeline
+from alignment.select import stage as select
 from alignment.config import ExperimentConfig
 from alignment.manifest import read_manifest
 from conftest import write_jsonl

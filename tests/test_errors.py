@@ -20,9 +20,9 @@ import yaml
 from alignment import cli, models
 from alignment.errors import AlignmentError, unwrap
 from alignment.formats import DataError
-from alignment.scoring import ScorerError
-from alignment.select import SelectError
-from alignment.train import TrainError
+from alignment.select.scoring import ScorerError
+from alignment.select.stage import SelectError
+from alignment.train.fit import TrainError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
@@ -367,7 +367,7 @@ def test_no_secret_reaches_the_run_directory_ray_logs_or_the_output(tmp_path, ti
     the run directory, in Ray's session directory (logs included) or in what the commands printed."""
     import uuid
 
-    from test_pipeline import tiny_experiment
+    from conftest import tiny_experiment
     from test_ray_job import stop_head
 
     tag = uuid.uuid4().hex[:12]

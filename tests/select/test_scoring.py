@@ -10,7 +10,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from alignment import deita_vllm, formats, scoring, select
+from alignment import formats
+from alignment.select import deita_vllm, scoring
+from alignment.select import stage as select
 from conftest import write_jsonl
 
 

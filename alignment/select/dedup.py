@@ -89,7 +89,7 @@ class MinHasher:
 
 def signatures(messages: list[dict], hasher: MinHasher | None) -> tuple[int, np.ndarray | None]:
     """(exact hash of the normalised conversation, LSH band hashes or None)."""
-    from .formats import conversation_text
+    from ..formats import conversation_text
 
     norm = normalise_text(conversation_text(messages))
     exact = _h64(norm.encode())

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pipeline import tiny_experiment
+from conftest import tiny_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.integration

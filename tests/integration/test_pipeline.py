@@ -6,41 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from alignment import pipeline
 from alignment.config import load_config
+from conftest import EXAMPLES, tiny_experiment, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples" / "data"
 
 pytestmark = pytest.mark.integration
-
-
-def tiny_experiment(tmp_path: Path, tiny_model: Path) -> dict:
-    return {
-        "name": "tiny",
-        "run_dir": str(tmp_path / "run"),
-        "model": {"base": str(tiny_model)},
-        "data": {"sft": [str(EXAMPLES / "sft_alpaca.jsonl"), str(EXAMPLES / "sft_sharegpt.json")],
-                 "preferences": [str(EXAMPLES / "preferences_hh.jsonl")],
-                 "eval_prompts": str(EXAMPLES / "eval_prompts.jsonl"), "max_eval_prompts": 4},
-        "select": {"k": 8, "length_unit": "tokens"},
-        "sft": {"max_steps": 4, "save_at": [2, 4], "learning_rate": 1e-3, "per_device_batch_size": 2,
-                "max_length": 128, "save_only_model": True},
-        "pref": {"start_from": "sft", "sft_step": 2, "max_steps": 2, "learning_rate": 1e-3,
-                 "per_device_batch_size": 2, "max_length": 128, "num_pairs": 8},
-        "generate": {"max_new_tokens": 8, "batch_size": 4, "cpus_per_actor": 1.0},
-        "judge": {"model": str(tiny_model), "rule": "sum", "max_new_tokens": 6},
-        "search": {"k": [8], "sft_step": [2, 4]},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "cpus_per_trial": 0.5},
-    }
-
-
-def write_config(tmp_path: Path, exp: dict) -> Path:
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(exp))
-    return path
 
 
 def manifests(run_dir: Path, stage: str) -> list[dict]:

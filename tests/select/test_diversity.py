@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alignment import diversity
+from alignment.select import diversity
 
 
 def clustered(rng, n, d, clusters, noise):

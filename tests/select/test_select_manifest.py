@@ -8,7 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignment import embed, formats, manifest, scoring, select
+from alignment import formats, manifest
+from alignment.select import embed, scoring
+from alignment.select import stage as select
 from conftest import shared, write_jsonl
 
 
@@ -143,9 +145,9 @@ def test_repr_filter_selector_on_local_ray_matches_the_rule(ray_local, tmp_path)
 
     from sentence_transformers import SentenceTransformer
 
-    from alignment import diversity
+    from alignment.select import diversity
 
-    examples = Path(__file__).resolve().parents[1] / "examples" / "data" / "sft_alpaca.jsonl"
+    examples = Path(__file__).resolve().parents[2] / "examples" / "data" / "sft_alpaca.jsonl"
     rows = [json.loads(line) for line in open(examples)][:60]
     dups = [{**r, "id": r["id"] + "-dup"} for r in rows[:10]]  # exact duplicates under new ids
     src = write_jsonl(tmp_path / "pool.jsonl", rows + dups)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from alignment import formats, models, pipeline, train
+from alignment import formats, models, pipeline
+from alignment.train import fit as train
 from alignment.config import METHOD_PARAMS, load_config
 from alignment.manifest import run_stage
 
 from conftest import shared
-from test_train import SETTINGS
+from conftest import SETTINGS
 
 HH = ("preferences", "hh_rlhf_harmless_base_test.jsonl.gz")
 
@@ -126,7 +127,7 @@ def test_too_few_rows_for_one_step_is_an_error_before_any_worker_starts():
 
 @pytest.mark.integration
 def test_pref_stage_sets_rows_aside_and_a_nan_run_fails_with_its_log(ray_local, tiny_model, hh_pairs, tmp_path):
-    from test_pipeline import tiny_experiment, write_config
+    from conftest import tiny_experiment, write_config
 
     exp = tiny_experiment(tmp_path, tiny_model)
     exp["data"]["preferences"] = [str(shared(*HH))]
@@ -168,7 +169,7 @@ def test_pref_stage_sets_rows_aside_and_a_nan_run_fails_with_its_log(ray_local, 
 def test_a_search_records_a_failed_trial_with_its_reason_and_goes_on(ray_local, tiny_model, tmp_path):
     from alignment import search
 
-    from test_pipeline import tiny_experiment, write_config
+    from conftest import tiny_experiment, write_config
 
     cfg = load_config(write_config(tmp_path, tiny_experiment(tmp_path, tiny_model)))
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import AlignmentError, InputError, unwrap
+from ..errors import AlignmentError, InputError, unwrap
 
 log = logging.getLogger("alignment")
 
@@ -235,7 +235,7 @@ def _load_model(path: str, use_gpu: bool, lora: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from . import models
+    from .. import models
 
     dtype = torch.bfloat16 if use_gpu and lora else torch.float32
     if use_gpu:
@@ -247,7 +247,7 @@ def _load_model(path: str, use_gpu: bool, lora: bool = False):
 
 def chat_tokenizer(model_path: str, chat_template: str | None):
     """A fresh tokenizer (trainers modify it) that has a chat template."""
-    from . import models
+    from .. import models
 
     tok = models.tokenizer(model_path, chat_template)
     if tok.chat_template is None:
@@ -313,7 +313,7 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
     """
     from datasets import Dataset
 
-    from . import models
+    from .. import models
 
     config_cls, trainer_cls, method_args = _trainer_classes(method)
     tok = chat_tokenizer(model_path, chat_template)
@@ -469,7 +469,7 @@ def _finite_guard(stage: str):
 def _check_saved_weights(stage: str, step: int, model, log_history: list[dict]) -> None:
     """Every rank checks its weights (its shard under FSDP2) before a checkpoint is reported; all of them raise
     if any rank found a non-finite one."""
-    from . import models
+    from .. import models
 
     bad = models.nonfinite_weights(model)
     if _all_ranks_sum(float(len(bad))) > 0:
@@ -560,7 +560,7 @@ def train_loop(job: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from . import models
+    from .. import models
 
     torch.set_num_threads(job["torch_threads"])
     model_path = models.materialize(job["model"])

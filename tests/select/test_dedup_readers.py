@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from alignment import dedup, formats, select
+from alignment import formats
+from alignment.select import dedup
+from alignment.select import stage as select
 from conftest import shared, write_jsonl
 
 
@@ -143,7 +145,7 @@ def test_hidden_state_embeddings_last_token_and_mean(tiny_model):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from alignment import embed
+    from alignment.select import embed
 
     tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="right")
     tok.pad_token = tok.pad_token or tok.eos_token

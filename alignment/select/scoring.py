@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import InputError
+from ..errors import InputError
 
 
 COMPLEXITY_PROMPT = (
@@ -221,7 +221,7 @@ class CausalLMScorer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from . import models
+        from .. import models
 
         path = models.materialize(model_path)
         self.tok = AutoTokenizer.from_pretrained(path)

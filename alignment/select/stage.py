@@ -19,9 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import embed, formats, scoring
-from .errors import AlignmentError
-from .ray_env import actor_pool, actor_threads
+from .. import formats
+
+from . import embed, scoring
+from ..errors import AlignmentError
+from ..ray_env import actor_pool, actor_threads
 
 log = logging.getLogger("alignment")
 
@@ -95,7 +97,7 @@ OVER_LONG = "over-long: "
 def check_length_batch(table: pa.Table, max_tokens: int, tokenizer_path: str, chat_template: str | None) -> pa.Table:
     """Ray Data UDF: rows longer than ``max_tokens`` in the model's chat template (``model.chat_template`` where
     set) become invalid (with the reason)."""
-    from . import models
+    from .. import models
 
     ok = _valid(table)
     tok = models.load_tokenizer(tokenizer_path, chat_template)
@@ -167,7 +169,7 @@ def _scatter(values: list, ok: list[bool], fill: Any = None) -> list:
 
 def score_length_batch(table: pa.Table, unit: str, tokenizer_path: str | None) -> pa.Table:
     """Ray Data UDF: ``score_length`` (null for rows that failed validation), computed in Arrow."""
-    from . import models
+    from .. import models
 
     tok = models.load_tokenizer(tokenizer_path) if unit == "tokens" else None
     # One task per CPU runs this (``add_scorers``): the tokenizer's own threads would only contend with them.
@@ -221,14 +223,14 @@ class LocalRater:
     def __init__(self, model_path: str, template: str, max_new_tokens: int, threads: int, use_gpu: bool):
         import torch
 
-        from . import models
+        from .. import models
 
         torch.set_num_threads(threads)
         self.model, self.tok = models.load_for_generation(model_path, use_gpu)
         self.template, self.max_new_tokens = template, max_new_tokens
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from . import models
+        from .. import models
 
         ok = _valid(table)
         msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
@@ -249,7 +251,7 @@ def rate_openai_batch(table: pa.Table, model: str, template: str, max_new_tokens
                       cache: dict[str, dict] | None = None) -> pa.Table:
     """Ray Data UDF: an OpenAI-compatible endpoint (an :class:`endpoints.Endpoint`) rates each row 1-5; a row
     whose request has an answer in ``cache`` (from an earlier run of the stage) is not sent again."""
-    from .endpoints import Retry, complete_openai
+    from ..endpoints import Retry, complete_openai
 
     ok = _valid(table)
     rows = [(i, m) for i, m, good in zip(table["id"].to_pylist(), table["messages"].to_pylist(), ok) if good]
@@ -310,7 +312,7 @@ def add_scorers(ds: Any, spec: dict[str, Any], batch_size: int, tasks: int,
             if r["backend"] == "openai":
                 import ray
 
-                from .endpoints import Endpoint, Retry
+                from ..endpoints import Endpoint, Retry
 
                 ds = ds.map_batches(
                     rate_openai_batch,
@@ -469,7 +471,7 @@ def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = No
          max_tokens: int | None = None, clusters: int = 100, kmeans_fit_rows: int = 25_600,
          export: list[str] | None = None, chat_template: str | None = None) -> dict[str, Any]:
     """A selection spec (what :func:`run_select` takes) with the config's defaults."""
-    from .config import SCORE_COLUMNS, DedupConfig, DeitaConfig, RatingConfig, SelectConfig, config_dict
+    from ..config import SCORE_COLUMNS, DedupConfig, DeitaConfig, RatingConfig, SelectConfig, config_dict
 
     scorers = scorers or ["length"]
     if max_tokens is not None and tokenizer is None:
@@ -484,7 +486,7 @@ def spec(scorers: list[str] | None = None, ranking: dict[str, float] | None = No
 
 
 def _embedding_spec(embedding: dict[str, Any] | None) -> dict[str, Any]:
-    from .config import EmbeddingConfig, config_dict
+    from ..config import EmbeddingConfig, config_dict
 
     e = {**config_dict(EmbeddingConfig()), **(embedding or {})}
     if e["model"] is None:
@@ -504,7 +506,7 @@ def _main_reasons(reasons: dict[str, int], n: int = 3) -> str:
 
 def _rating_failure(tally: dict[str, Any], rating: dict[str, Any], cache_path: Path) -> str | None:
     """Why the stage fails when more than ``max_failed_fraction`` of the rows' rating requests failed."""
-    from .endpoints import failure_message
+    from ..endpoints import failure_message
 
     return failure_message("rating", tally["failed"], tally["rated"], tally["first_error"],
                            "select.rating.max_failed_fraction", rating["max_failed_fraction"],
@@ -516,7 +518,7 @@ def _keep_rating_answers(batch: pa.Table, cache: Any, tally: dict[str, Any]) -> 
     stage's cache file (so that a re-run sends only the failed rows' requests), count the requests by outcome
     in ``tally`` (``rated``, ``cached``, ``failed``: kind -> rows, ``first_error``, ``batch_failed``: whether
     every request of this batch failed), and return the batch without those columns."""
-    from .endpoints import cache_line
+    from ..endpoints import cache_line
 
     keys, answers = batch[RATING_KEY].to_pylist(), batch[RATING_ANSWER].to_pylist()
     for key, answer in zip(keys, answers):
@@ -665,7 +667,7 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
                                                   if s["dedup"]["mode"] != "none" else ({}, [], None, None))
     # The rating endpoint's answers are stored as they come (the driver owns the file: tasks may run on other
     # nodes), so that a re-run of a failed stage, in this same directory, sends only the failed rows' requests.
-    from .endpoints import read_cache
+    from ..endpoints import read_cache
 
     uses_endpoint = "rating" in s["scorers"] and s["rating"]["backend"] == "openai"
     cache_path = out_dir / "rating_responses.jsonl"
@@ -781,7 +783,7 @@ def run_select(sources: list[str], fmt: str, k: int, s: dict[str, Any], out_dir:
                "select_s": round(time.perf_counter() - t0 - scoring_s, 3),
                "rows_per_s": round(n_read / scoring_s, 1) if scoring_s else None,
                "selected_score_min": pc.min(scores).as_py(), "selected_score_max": pc.max(scores).as_py()}
-    from . import select_report
+    from . import report as select_report
 
     outputs["report"] = str(select_report.write(out_dir, scored_path, selected, counts, metrics))
     return {"outputs": outputs, "counts": counts, "metrics": metrics}

@@ -1,6 +1,6 @@
 """One training process of ``test_fsdp2_across_two_ranks_*`` (launched by torchrun, or alone for the baseline).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py SPEC.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train/fsdp_worker.py SPEC.json
 
 Builds the stage's trainer with ``alignment.train.build_trainer`` and, when there is more than one rank, the
 FSDP2 arguments a GPU worker gets (``alignment.train._device_args``), on CPU, in float32 (or, with ``as_gpu``,
@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def lift_accelerate_gpu_gate() -> None:
@@ -59,7 +59,7 @@ def save_at(steps: list[int], ran: list[int], evaluate: bool):
 def main() -> None:
     from torch.distributed.tensor import DTensor
 
-    from alignment import train
+    from alignment.train import fit as train
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])

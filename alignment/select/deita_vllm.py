@@ -84,7 +84,7 @@ def assemble(group: Any, kind: str) -> Any:
 def _score_ids(model_path: str) -> list[int]:
     from transformers import AutoTokenizer
 
-    from . import models
+    from .. import models
 
     return scoring.score_token_ids(AutoTokenizer.from_pretrained(models.materialize(model_path)))
 
@@ -96,7 +96,7 @@ def add_deita_vllm(ds: Any, d: dict[str, Any], columns: list[str]) -> Any:
         import vllm  # noqa: F401
     except ImportError as e:
         raise scoring.ScorerError("select.deita.backend=vllm needs the vllm extra: pip install 'alignment[vllm]'") from e
-    from . import models
+    from .. import models
 
     for kind, model in (("complexity", d["complexity_model"]), ("quality", d["quality_model"])):
         ids = _score_ids(model)

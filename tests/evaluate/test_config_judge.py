@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from alignment import judge
+from alignment.evaluate import pairwise as judge
 from alignment.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "cluster_example.yaml"])

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from alignment import endpoints, generate
+from alignment import endpoints
+from alignment.evaluate import generate
 
 GEN = {"backend": "transformers", "max_new_tokens": 6, "batch_size": 4, "num_actors": 1, "cpus_per_actor": 1.0,
        "gpus_per_actor": 0.0}

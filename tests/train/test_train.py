@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from alignment import train
+from alignment.train import fit as train
 from alignment.config import METHOD_PARAMS, ConfigError, load_config
+from conftest import SETTINGS
 
-SETTINGS = {"max_steps": 10, "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
-            "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "logging_steps": 1, "max_length": 128,
-            "save_only_model": True, "gradient_checkpointing": None, "lora": None, "seed": 0, "use_gpu": False}
 SFT = {**SETTINGS, "max_steps": 12, "assistant_only_loss": True, "packing": False}
 
 
@@ -243,7 +241,7 @@ def sft_settings(**over) -> dict:
 
 
 def _fsdp_worker(tmp_path: Path, name: str, spec: dict, ranks: int) -> dict:
-    """Run tests/fsdp_worker.py on ``ranks`` processes (torchrun) or alone; its rank 0's result."""
+    """Run tests/train/fsdp_worker.py on ``ranks`` processes (torchrun) or alone; its rank 0's result."""
     import subprocess
     import sys
 
@@ -265,7 +263,7 @@ def _fsdp_worker(tmp_path: Path, name: str, spec: dict, ranks: int) -> dict:
 def test_fsdp2_across_two_ranks_shards_saves_and_matches_one_process(tiny_model, sft_rows, pref_pairs, tmp_path,
                                                                      method):
     """The FSDP2 arguments GPU workers get, run on 2 CPU ranks over gloo (accelerate's GPU-only gate lifted in
-    the worker processes: see tests/fsdp_worker.py): each rank holds half of every weight, the loss follows a
+    the worker processes: see tests/train/fsdp_worker.py): each rank holds half of every weight, the loss follows a
     single process on the same global batches, DPO's reference model works sharded, and the collective save
     writes a whole checkpoint that transformers loads. What this cannot check is NCCL on several GPUs."""
     import torch

@@ -1,0 +1,1 @@
+"""The sft and pref stages: TRL trainers inside Ray Train workers."""
