@@ -13,10 +13,12 @@ import sys
 import traceback
 from typing import Any
 
+from .methods import METHODS
+
 STAGES = {
     "select": "score the instruction data and keep k rows (select.k, select.selector)",
     "sft": "supervised fine-tuning on the selected rows, keeping every checkpoint of sft.save_steps / sft.save_at",
-    "pref": "preference tuning (pref.method: dpo, ipo, kto, cpo, simpo, orpo; pref.loss_type: the method's TRL "
+    "pref": f"preference tuning (pref.method: {', '.join(METHODS)}; pref.loss_type: the method's TRL "
             "losses) from pref.start_from: the SFT checkpoint pref.sft_step, model.base or model.instruct",
     "generate": "answers of the trained model and of the baseline to the eval prompts",
     "judge": "pairwise judgement of the trained model against the baseline, in both orders",
@@ -50,22 +52,13 @@ def _stage(name: str, cfg) -> Any:
         return _summary(p.sft_stage(cfg))
     if name == "pref":
         return _summary(p.pref_stage(cfg))
-    if name in ("generate", "judge"):
-        model, label = p.trained_model(cfg)
-        target = p.generate_stage(cfg, model, label)
-        base = p.generate_stage(cfg, p.baseline_model(cfg), "baseline")
-        if name == "generate":
-            return [_summary(target), _summary(base)]
-        return _summary(p.judge_stage(cfg, target, base))
+    if name == "generate":
+        answers = p.generate_point(cfg)
+        return [_summary(answers["target"]), _summary(answers["baseline"])]
+    if name == "judge":
+        return _summary(p.judge_point(cfg)["judge"])
     if name == "search":
-        from . import search
-
-        results, timings = search.run_search(cfg, p.run_point)
-        path = p.write_search_results(cfg, results, timings)
-        failed = [r for r in results if r.get("error")]
-        if failed:
-            raise p.search_error(f"{len(failed)} of {len(results)} search trials failed (results: {path})", failed)
-        return {"results": results, "written": str(path)}
+        return p.run_search(cfg)
     if name == "report":
         return p.report_only(cfg)
     if name == "run":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from .endpoints import Retry
 from .errors import InputError
+from .methods import METHODS
 
 
 class ConfigError(InputError, ValueError):
@@ -89,7 +90,8 @@ class EmbeddingConfig(ActorPoolConfig):
 
 class DeitaConfig(ActorPoolConfig):
     complexity_model: str = Field(
-        "hkust-nlp/deita-complexity-scorer", description="Scores each user turn (REFERENCE.md section 1)."
+        "hkust-nlp/deita-complexity-scorer", description="Scores each user turn (Deita: Liu et al. 2024, \"What Makes "
+        "Good Data for Alignment?\").",
     )
     quality_model: str = Field("hkust-nlp/deita-quality-scorer", description="Scores each (user, assistant) turn.")
     backend: Literal["transformers", "vllm"] = Field(
@@ -106,7 +108,9 @@ class DeitaConfig(ActorPoolConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="transformers backend: auto is bfloat16 on GPU, float32 on CPU."
     )
-    logprobs: int = Field(1000, ge=6, description="vllm backend: top logprobs returned; all six score tokens must be among them.")
+    logprobs: int = Field(
+        1000, ge=6, description="vllm backend: top logprobs returned; all six score tokens must be among them."
+    )
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
 
 
@@ -130,7 +134,8 @@ class EndpointConfig(_Strict):
 
 class RatingConfig(ActorPoolConfig, EndpointConfig):
     backend: Literal["transformers", "openai"] = Field(
-        "transformers", description="transformers: a local model in Ray Data actors; openai: an OpenAI-compatible endpoint."
+        "transformers", description="transformers: a local model in Ray Data actors; openai: an OpenAI-compatible "
+        "endpoint.",
     )
     model: str = Field("smollm2-135m-instruct", description="Local rater, or the endpoint's model name.")
     prompt: str | None = Field(
@@ -163,16 +168,14 @@ class DedupConfig(_Strict):
     ngram: int = Field(5, ge=1, description="near: words per shingle.")
 
 
-# Scorer -> the scalar column it adds (rank_by names the scorer).
-SCORE_COLUMNS = {"length": "score_length", "random": "score_random", "deita": "score_deita_evol",
-                 "rating": "score_rating"}
-
-
 class SelectConfig(_Strict):
     k: int = Field(1000, ge=1, description="Number of rows to select.")
+    # The scorers and selectors are written out (readable errors, the JSON schema); tests check they name exactly
+    # the entries of select.SCORERS and select.SELECTORS.
     scorers: list[Literal["length", "random", "deita", "rating"]] = Field(
         ["length"], description="Scorers run on every row, each adding its columns: length (Long Is More), random "
-        "(seeded by the experiment's seed), deita (complexity and quality per turn, evol score), rating (an LLM's 1-5).",
+        "(seeded by the experiment's seed), deita (complexity and quality per turn, evol score), rating (an LLM's "
+        "1-5).",
     )
     rank_by: dict[str, float] | None = Field(
         None, description="Rows are ranked by the weighted sum of these scorers' scores; default: the first scorer, "
@@ -212,7 +215,7 @@ class SelectConfig(_Strict):
     batch_size: int = Field(1024, ge=1, description="Rows per Ray Data batch.")
 
     @model_validator(mode="after")
-    def _ranking(self) -> "SelectConfig":
+    def _ranking(self) -> SelectConfig:
         if not self.scorers:
             raise ValueError("select.scorers needs at least one scorer")
         if len(set(self.scorers)) != len(self.scorers):
@@ -223,10 +226,6 @@ class SelectConfig(_Strict):
                 raise ValueError(f"select.rank_by names {unknown or 'nothing'}; it takes scorers listed in "
                                  f"select.scorers ({', '.join(self.scorers)})")
         return self
-
-    def ranking(self) -> dict[str, float]:
-        """Score column -> weight."""
-        return {SCORE_COLUMNS[n]: w for n, w in (self.rank_by or {self.scorers[0]: 1.0}).items()}
 
 
 class LoraConfig(_Strict):
@@ -245,7 +244,9 @@ class TrainConfig(_Strict):
 
     max_steps: int = Field(100, ge=1)
     save_steps: int | None = Field(None, ge=1, description="Save (and keep) a checkpoint every N steps.")
-    save_at: list[int] | None = Field(None, description="Or save at exactly these steps; the last step is always saved.")
+    save_at: list[int] | None = Field(
+        None, description="Or save at exactly these steps; the last step is always saved."
+    )
     learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, le=1)
@@ -253,7 +254,8 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16)
     save_only_model: bool = Field(
-        False, description="Checkpoints without optimizer state: smaller and faster, but a killed run cannot resume them."
+        False, description="Checkpoints without optimizer state: smaller and faster, but a killed run cannot resume "
+        "them."
     )
     logging_steps: int = Field(1, ge=1)
     eval_rows: int = Field(
@@ -263,7 +265,7 @@ class TrainConfig(_Strict):
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight (peft).")
 
     @model_validator(mode="after")
-    def _save_schedule(self) -> "TrainConfig":
+    def _save_schedule(self) -> TrainConfig:
         if self.save_at is not None:
             bad = [s for s in self.save_at if s < 1 or s > self.max_steps]
             if bad:
@@ -286,41 +288,10 @@ class SFTConfig(TrainConfig):
     packing: bool = Field(False, description="Pack several rows into each max_length sequence (TRL's bfd packing).")
 
 
-# The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-
-# The loss types whose reward difference f-DPO generalises (TRL rejects another f-divergence with the others).
-F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
+# Written out (readable errors, the JSON schema); tests check it names exactly the methods of methods.METHODS.
 PrefMethod = Literal["dpo", "ipo", "kto", "cpo", "simpo", "orpo"]
-PREF_METHODS: tuple[str, ...] = get_args(PrefMethod)
-
-# The loss types of each method that takes pref.loss_type, as its TRL trainer names them (only dpo sums several).
-LOSS_TYPES: dict[str, tuple[str, ...]] = {
-    "dpo": DPO_LOSS_TYPES,
-    "kto": ("kto", "apo_zero_unpaired"),  # KTOConfig.loss_type
-    "cpo": ("sigmoid", "hinge", "ipo"),  # CPOConfig.loss_type (its simpo and alphapo losses are method simpo)
-}
-
-# The parameters each method takes, with their defaults there. A parameter set in the config for a method
-# that does not take it is a config error.
-METHOD_PARAMS: dict[str, dict[str, Any]] = {
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "loss_weights": None, "label_smoothing": 0.0,
-            "precompute_ref_log_probs": False, "ld_alpha": None, "use_weighting": False,
-            "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05,
-            "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512},
-    "ipo": {"beta": 0.1, "precompute_ref_log_probs": False},
-    "kto": {"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0,
-            "precompute_ref_log_probs": False, "sync_ref_model": False, "ref_model_mixup_alpha": 0.6,
-            "ref_model_sync_steps": 512},
-    "cpo": {"beta": 0.1, "loss_type": "sigmoid", "cpo_alpha": 1.0, "label_smoothing": 0.0, "alphapo_alpha": 0.0},
-    "simpo": {"beta": 2.0, "gamma": 1.0, "alphapo_alpha": 0.0},
-    "orpo": {"lambda": 0.1},
-}
 
 
 class PrefConfig(TrainConfig):
@@ -328,7 +299,7 @@ class PrefConfig(TrainConfig):
         "dpo", description="dpo (any loss_type), ipo (DPO with the IPO loss), kto (TRL's KTOTrainer; paired data is "
         "split into desirable and undesirable rows), cpo, simpo (TRL's CPOTrainer) or orpo (TRL's ORPOTrainer).",
     )
-    # Method parameters: None means the method's default (METHOD_PARAMS).
+    # Method parameters: None means the method's default (methods.METHODS).
     beta: float | None = Field(None, gt=0, description="KL / reward scale (dpo, ipo, kto, cpo, simpo).")
     loss_type: str | list[str] | None = Field(
         None, description="dpo, kto, cpo: the loss as the method's TRL trainer names it (dpo: sigmoid = DPO, hinge, "
@@ -398,16 +369,16 @@ class PrefConfig(TrainConfig):
     def _known_loss(cls, v: str | list[str] | None) -> str | list[str] | None:
         # A name no method knows is reported with the config's other field errors; whether the methods in use
         # take it is check_params' question.
-        known = sorted({name for names in LOSS_TYPES.values() for name in names})
+        known = {name for m in METHODS.values() for name in m.losses}
         for name in [v] if isinstance(v, str) else v or []:
             if name not in known:
                 raise ValueError(f"unknown loss_type {name!r}; the methods' losses are "
-                                 + "; ".join(f"{m}: {', '.join(names)}" for m, names in LOSS_TYPES.items()))
+                                 + "; ".join(f"{n}: {', '.join(m.losses)}" for n, m in METHODS.items() if m.losses))
         return v
 
     def given_params(self) -> dict[str, Any]:
         """The method parameters set in the config (by their config names)."""
-        names = {p for params in METHOD_PARAMS.values() for p in params}
+        names = {p for m in METHODS.values() for p in m.params}
         values = {n: getattr(self, "lambda_" if n == "lambda" else n) for n in names}
         return {n: v for n, v in values.items() if v is not None}
 
@@ -415,40 +386,29 @@ class PrefConfig(TrainConfig):
         """Every parameter set must belong to one of ``methods`` and make sense for each of them that takes it:
         what TRL would refuse inside a training worker, and a parameter without effect, are errors here."""
         for name in sorted(self.given_params()):
-            if not any(name in METHOD_PARAMS[m] for m in methods):
-                takers = [m for m in PREF_METHODS if name in METHOD_PARAMS[m]]
+            if not any(name in METHODS[m].params for m in methods):
+                takers = [m for m, spec in METHODS.items() if name in spec.params]
                 raise ValueError(f"pref.{name} does not apply to method {' / '.join(methods)}; "
                                  f"it is a parameter of {', '.join(takers)}")
         for method in methods:
             self._check_method(method, self.method_params(method))
 
     def _check_method(self, method: str, p: dict[str, Any]) -> None:
+        spec = METHODS[method]
         losses = [p["loss_type"]] if isinstance(p.get("loss_type"), str) else p.get("loss_type")
         if losses is not None:
             if not losses:
                 raise ValueError("pref.loss_type is an empty list; name one loss or more")
-            if len(losses) > 1 and method != "dpo":
-                raise ValueError(f"pref.loss_type: only dpo sums several losses, not {method}")
+            if len(losses) > 1 and not spec.sums_losses:
+                summing = ", ".join(m for m, s in METHODS.items() if s.sums_losses)
+                raise ValueError(f"pref.loss_type: only {summing} sums several losses, not {method}")
             for name in losses:
-                if name not in LOSS_TYPES[method]:
+                if name not in spec.losses:
                     raise ValueError(f"pref.loss_type {name!r} is not a loss of {method}; choose one of "
-                                     f"{', '.join(LOSS_TYPES[method])}")
+                                     f"{', '.join(spec.losses)}")
         given = self.given_params()
-        if method == "dpo":
-            if p["loss_weights"] is not None and len(p["loss_weights"]) != len(losses):
-                raise ValueError(f"pref.loss_weights has {len(p['loss_weights'])} weights for {len(losses)} loss "
-                                 f"types ({', '.join(losses)})")
-            if p["f_divergence_type"] != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSS_TYPES):
-                raise ValueError(f"pref.f_divergence_type {p['f_divergence_type']} works with the loss types "
-                                 f"{', '.join(F_DIVERGENCE_LOSS_TYPES)} only, not {', '.join(losses)}")
-            if p["use_weighting"] and set(losses) & {"aot", "aot_unpaired"}:
-                raise ValueError("pref.use_weighting (WPO) does not work with the aot losses")
-            needs = {"f_alpha_divergence_coef": (p["f_divergence_type"] == "alpha_divergence",
-                                                 "f_divergence_type is alpha_divergence"),
-                     "discopop_tau": ("discopop" in losses, "loss_type has discopop")}
-            for name, (applies, when) in needs.items():
-                if name in given and not applies:
-                    raise ValueError(f"pref.{name} has no effect unless pref.{when}")
+        if spec.check is not None:
+            spec.check(p, set(given))
         if "sync_ref_model" in p:
             for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
                 if name in given and not p["sync_ref_model"]:
@@ -462,24 +422,51 @@ class PrefConfig(TrainConfig):
 
     def method_params(self, method: str | None = None) -> dict[str, Any]:
         """``method``'s parameters: its defaults, overridden by those set in the config."""
-        method = method or self.method
         given = self.given_params()
-        return {k: given.get(k, default) for k, default in METHOD_PARAMS[method].items()}
+        return {k: given.get(k, default) for k, default in METHODS[method or self.method].params.items()}
 
 
 class GenerateConfig(ActorPoolConfig):
-    backend: Literal["transformers", "vllm"] = "transformers"
+    """Greedy answers from a local model: the generate stage's settings, and the local judge's by default."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: Ray Data actors each holding the model (CPU or GPU); vllm: "
+        "ray.data.llm's vLLM processor (GPU, the vllm extra).",
+    )
     max_new_tokens: int = Field(512, ge=1)
     batch_size: int = Field(8, ge=1)
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vllm backend: extra vLLM engine arguments (tensor_parallel_size, "
+        "max_model_len, gpu_memory_utilization, ...), over the default enable_prefix_caching: true.",
+    )
+
+
+# Written out for readable errors and the JSON schema; tests/evaluate/test_judges.py checks it equals the judges'
+# table (alignment.evaluate.JUDGES), which config.py, a foundation, cannot import.
+JudgeProtocol = Literal["vicuna_pairwise"]
 
 
 class JudgeConfig(EndpointConfig):
+    protocol: JudgeProtocol = Field(
+        "vicuna_pairwise", description="The judging protocol. vicuna_pairwise: the Vicuna/Long-Is-More pairwise "
+        "prompt, two 1-10 scores, both orders, combined by judge.rule.",
+    )
     backend: Literal["local", "openai"] = Field(
-        "local", description="local: a model through the generation backend; openai: an OpenAI-compatible endpoint."
+        "local", description="local: a model through the generation backend of judge.generate; openai: an "
+        "OpenAI-compatible endpoint.",
     )
     model: str = Field("smollm2-135m-instruct", description="Local judge model, or the endpoint's model name.")
-    rule: Literal["strict", "sum"] = Field("strict", description="How the two orders combine (REFERENCE.md section 2).")
-    max_new_tokens: int = Field(64, ge=1)
+    rule: Literal["strict", "sum"] = Field(
+        "strict", description="vicuna_pairwise: how the two orders combine. strict: a win only if preferred in both "
+        "(Long Is More, Zhao et al. 2024; MT-Bench's pairwise rule, Zheng et al. 2023); sum: +1/0/-1 per order, "
+        "summed (Long Is More's released code). The README's judge part has both.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="The judge's answer length (over judge.generate's).")
+    generate: GenerateConfig | None = Field(
+        None, description="local backend: the judge model's generation settings (backend, batch_size, num_actors, "
+        "cpus_per_actor, gpus_per_actor, vllm_engine_kwargs); default: the generate section's. Its max_new_tokens is "
+        "judge.max_new_tokens.",
+    )
     format_example: bool = Field(
         False, description="Show the judge one worked exchange before each comparison (helps small local judges "
         "keep the two-scores format; watch the order-disagreement rate).",
@@ -494,18 +481,36 @@ class JudgeConfig(EndpointConfig):
         "only the failed requests. An unparsed judgement is not a failure.",
     )
 
+    @field_validator("generate")
+    @classmethod
+    def _one_answer_length(cls, v: GenerateConfig | None) -> GenerateConfig | None:
+        # Two keys for one setting would leave one of them silently unused.
+        if v is not None and "max_new_tokens" in v.model_fields_set:
+            raise ValueError("set the judge's answer length with judge.max_new_tokens, not "
+                             "judge.generate.max_new_tokens")
+        return v
+
+    def generation(self, default: GenerateConfig) -> GenerateConfig:
+        """The local judge's generation settings: ``judge.generate``, else ``default`` (the generate section's),
+        with the judge's own ``max_new_tokens``."""
+        return (self.generate or default).model_copy(update={"max_new_tokens": self.max_new_tokens})
+
 
 class SearchConfig(_Strict):
     k: list[int] | None = Field(None, description="Selection sizes to try; default: [select.k].")
-    sft_step: list[int | Literal["last"]] | None = Field(None, description="SFT steps DPO starts from; default: [pref.sft_step].")
+    sft_step: list[int | Literal["last"]] | None = Field(
+        None, description="SFT steps DPO starts from; default: [pref.sft_step]."
+    )
     method: list[PrefMethod] | None = Field(
         None, description="Preference methods to try; default: [pref.method].",
     )
     num_pairs: list[int] | None = Field(
         None, description="Preference training-set sizes to try (nested seeded subsets); default: [pref.num_pairs].",
     )
+    # Each one a metric the judges declare (alignment.evaluate.JUDGES; tests/evaluate/test_judges.py checks).
     metric: Literal["win_rate", "score"] = Field(
-        "win_rate", description="win_rate: wins / valid prompts; score: (wins + ties/2) / valid prompts."
+        "win_rate", description="The judge's number the search maximises. win_rate: wins / valid prompts; score: "
+        "(wins + ties/2) / valid prompts.",
     )
 
     @field_validator("k", "num_pairs")
@@ -550,7 +555,9 @@ class ResourcesConfig(_Strict):
         None, description="Where Ray Train persists checkpoints (local path or cloud URI, with pyarrow's options: "
         "s3://bucket/prefix?region=...); default: the run directory. Credentials come from the environment.",
     )
-    cpus_per_trial: float = Field(0.5, ge=0, description="CPUs a search trial's driver holds (its stages ask for their own).")
+    cpus_per_trial: float = Field(
+        0.5, ge=0, description="CPUs a search trial's driver holds (its stages ask for their own)."
+    )
     max_concurrent_trials: int = Field(1, ge=1)
 
     @field_validator("storage_path")
@@ -581,7 +588,7 @@ class ExperimentConfig(_Strict):
     source: str | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "ExperimentConfig":
+    def _cross_checks(self) -> ExperimentConfig:
         steps = self.sft.checkpoint_steps()
         chosen = [("pref.sft_step", self.pref.sft_step), *(("search.sft_step", x) for x in self.search.sft_step or [])]
         for key, s in chosen:
@@ -607,6 +614,19 @@ class ExperimentConfig(_Strict):
         sizes = self.search.num_pairs or [self.pref.num_pairs]
         return [{"k": k, "sft_step": s, "method": m, "num_pairs": n}
                 for k in ks for s in steps for m in methods for n in sizes]
+
+    def at(self, point: dict[str, Any]) -> ExperimentConfig:
+        """This config at a search point (``{k, sft_step, method, num_pairs}``, as :meth:`search_grid` gives):
+        a validated copy with ``select.k``, ``pref.sft_step``, ``pref.method`` and ``pref.num_pairs`` set."""
+        raw = self.model_dump(by_alias=True)
+        raw["select"]["k"] = point["k"]
+        raw["pref"].update(sft_step=point["sft_step"], method=point["method"], num_pairs=point["num_pairs"])
+        try:
+            cfg = ExperimentConfig.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, f"at the search point {point}")) from None
+        cfg.source = self.source  # paths are already absolute (absolute_paths ran on self)
+        return cfg
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

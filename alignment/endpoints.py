@@ -25,8 +25,9 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import AlignmentError
 
@@ -73,7 +74,7 @@ def retry_after_s(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
 
 
@@ -138,8 +139,6 @@ class Endpoint:
     environment is the cluster's, not the driver's). Its repr never shows the key."""
 
     def __init__(self, base_url_env: str, api_key_env: str):
-        from urllib.parse import urlsplit
-
         from .config import uri_credentials
 
         base = (os.environ.get(base_url_env) or "").strip()

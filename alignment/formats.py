@@ -129,7 +129,8 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     spec, _, split = spec.partition("@")
     name, _, config = spec.partition(":") if not spec.startswith("/") else (spec, "", "")
     if not name:
-        raise DataError(f"{source}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:HuggingFaceH4/ultrafeedback_binarized@train_prefs")
+        raise DataError(f"{source}: expected hf:NAME[:CONFIG][@SPLIT], "
+                        "e.g. hf:HuggingFaceH4/ultrafeedback_binarized@train_prefs")
     return name, config or None, split or "train"
 
 
@@ -274,11 +275,12 @@ class Shard:
     label: str = ""  # the file's label in fallback ids (:func:`file_labels`); "" for its name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "start": self.start, "stop": -1 if self.stop is None else self.stop,
+        return {"path": self.path, "kind": self.kind, "start": self.start,
+                "stop": -1 if self.stop is None else self.stop,
                 "offset": self.offset, "label": self.label}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Shard":
+    def from_dict(d: dict[str, Any]) -> Shard:
         stop = int(d["stop"])
         return Shard(str(d["path"]), str(d["kind"]), int(d["start"]), None if stop < 0 else stop,
                      int(d.get("offset", -1)), str(d.get("label", "")))
@@ -546,8 +548,6 @@ def _parse_hh(transcript: Any, field: str) -> list[dict[str, str]]:
     """``\\n\\nHuman: ... \\n\\nAssistant: ...`` into messages."""
     if not isinstance(transcript, str):
         raise RowError(field, f"expected a transcript string, got {type(transcript).__name__}")
-    import re
-
     parts = re.split(r"\n\n(Human|Assistant):", transcript)
     if parts[0].strip():
         raise RowError(field, "text before the first '\\n\\nHuman:' turn")
@@ -574,7 +574,8 @@ def detect_preference_format(row: dict[str, Any]) -> str:
         return "pairs"
     if "completion" in row and "label" in row:
         return "unpaired"
-    raise RowError("(format)", f"cannot tell the format from the fields {sorted(row)[:10]}; set data.preferences_format")
+    raise RowError("(format)",
+                   f"cannot tell the format from the fields {sorted(row)[:10]}; set data.preferences_format")
 
 
 def normalise_preference(row: Any, fmt: str = "auto") -> dict[str, Any]:
@@ -770,7 +771,8 @@ def export_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
     if fmt == "trl":
         return {"id": row["id"], "messages": msgs}
     if fmt == "sharegpt":
-        return {"id": row["id"], "conversations": [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in msgs]}
+        return {"id": row["id"],
+                "conversations": [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in msgs]}
     if fmt == "alpaca":
         system = [m["content"] for m in msgs if m["role"] == "system"]
         turns = [m for m in msgs if m["role"] != "system"]

@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 _EDGE = 1 << 20  # bytes hashed from each end of a large file
 
 
-def _hash_file(path: Path, h: "hashlib._Hash", full_limit: int = 64 << 20) -> None:
+def _hash_file(path: Path, h: hashlib._Hash, full_limit: int = 64 << 20) -> None:
     size = path.stat().st_size
     h.update(str(size).encode())
     with open(path, "rb") as f:

@@ -17,14 +17,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from . import endpoints, formats, models, report, search
-from .evaluate import generate
-from .evaluate import pairwise as judge
-from .select import embed
-from .select import stage as select
-from .train import fit as train
+from . import endpoints, formats, models, report, search, select, train
 from .config import ConfigError, ExperimentConfig, config_dict
 from .errors import AlignmentError
+from .evaluate import COUNTS, JUDGES, generate
 from .manifest import digest, fingerprint, run_stage, write_json
 
 log = logging.getLogger("alignment")
@@ -83,43 +79,31 @@ def _files(patterns: list[str], what: str, run_dir: str | None = None) -> dict[s
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def select_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
-    k = k or cfg.select.k
+def select_stage(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The selection of select.k rows of data.sft."""
     s = cfg.select
-    uses_tokens = ("length" in s.scorers and s.length_unit == "tokens") or s.max_tokens is not None
-    tokenizer = models.resolve(cfg.model.base) if uses_tokens else None
-    resolved: dict[str, Any] = {"deita": config_dict(s.deita), "rating": config_dict(s.rating),
-                                "embedding": config_dict(s.embedding)}
     files = _files(cfg.data.sft, "sft", cfg.run_dir)
     inputs = dict(files)
-    if tokenizer:
-        inputs["tokenizer"] = fingerprint(tokenizer)
-    if s.max_tokens and cfg.model.chat_template:
-        inputs["chat_template"] = fingerprint(cfg.model.chat_template)
-    if "deita" in s.scorers:
-        for key in ("complexity_model", "quality_model"):
-            resolved["deita"][key] = models.resolve(getattr(s.deita, key))
-            inputs[f"deita_{key}"] = fingerprint(resolved["deita"][key])
-    if "rating" in s.scorers and s.rating.backend == "transformers":
-        resolved["rating"]["model"] = models.resolve(s.rating.model)
-        inputs["rating_model"] = fingerprint(resolved["rating"]["model"])
-    if s.selector in ("repr_filter", "kmeans"):
-        resolved["embedding"]["model"] = s.embedding.model_name(cfg.model.base)
-        inputs["embedding_model"] = fingerprint(embed.model_path(resolved["embedding"]["model"]))
-    spec = select.spec(scorers=list(s.scorers), ranking=s.ranking(), length_unit=s.length_unit,
-                       tokenizer=tokenizer, seed=cfg.seed, selector=s.selector, tau=s.tau, max_tokens=s.max_tokens,
-                       dedup=config_dict(s.dedup), clusters=s.clusters, kmeans_fit_rows=s.kmeans_fit_rows,
-                       export=list(s.export), chat_template=cfg.model.chat_template if s.max_tokens else None,
-                       **resolved)
-    conf = {"k": k, "format": cfg.data.sft_format, "allow_fewer": s.allow_fewer,
-            "tokenizer": cfg.model.base if tokenizer else None,
-            **{key: value for key, value in spec.items() if key != "tokenizer"}}
-    # How the rating requests are sent is not what they ask (as for the judge): a re-run with more retries or a
-    # higher max_failed_fraction keeps the stage's directory and the answers a failed run stored there.
-    conf["rating"] = {key: value for key, value in conf["rating"].items() if key not in SENDING}
-    return run_stage(cfg.run_dir, "select", f"k{k}", conf, inputs,
-                     lambda d: select.run_select(list(files), cfg.data.sft_format, k, spec, d, s.allow_fewer,
-                                                 s.batch_size))
+    names = select.model_names(cfg)
+    paths = {field: models.resolve(name) for field, (_, name) in names.items()}
+    inputs.update({field: fingerprint(path) for field, path in paths.items()})
+    embedding = s.embedding.model_name(cfg.model.base) if select.SELECTORS[s.selector].embeds else None
+    if embedding:
+        inputs["embedding_model"] = fingerprint(select.embed.model_path(embedding))
+    template = cfg.model.chat_template if s.max_tokens else None
+    if template:
+        inputs["chat_template"] = fingerprint(template)
+    resolved = select.Resolved(files=tuple(files), format=cfg.data.sft_format, seed=cfg.seed, chat_template=template,
+                               embedding_model=embedding, **paths)
+    # The key: the section as configured (model names: their contents are fingerprinted in inputs) and what
+    # was resolved beside it. Rows per Ray Data batch and how endpoint requests are sent (as for the judge) are
+    # not what is selected: a re-run with more retries or a higher max_failed_fraction keeps the stage's
+    # directory and the answers a failed run stored there.
+    conf = {key: ({k: v for k, v in value.items() if k not in SENDING} if isinstance(value, dict) else value)
+            for key, value in config_dict(s).items() if key != "batch_size"}
+    conf.update(format=resolved.format, seed=resolved.seed, chat_template=template, embedding_model=embedding,
+                models={field: name for field, (_, name) in names.items()})
+    return run_stage(cfg.run_dir, "select", f"k{s.k}", conf, inputs, lambda d: select.run_select(s, resolved, d))
 
 
 def _training_outputs(d: Path, run: dict[str, Any]) -> dict[str, Any]:
@@ -178,12 +162,13 @@ def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: li
         raise PipelineError(f"{e}; the log up to that step: {d / 'metrics.jsonl'}") from None
 
 
-def sft_stage(cfg: ExperimentConfig, k: int | None = None) -> dict[str, Any]:
-    k = k or cfg.select.k
-    sel = select_stage(cfg, k)
+def sft_stage(cfg: ExperimentConfig) -> dict[str, Any]:
+    """SFT on the selection of select.k rows, a checkpoint at every step of sft's schedule."""
+    k = cfg.select.k
+    sel = select_stage(cfg)
     selected = sel["outputs"]["selected"]
     base = models.resolve(cfg.model.base)
-    settings = train.train_settings(config_dict(cfg.sft), cfg.seed, "sft")
+    settings = train.train_settings(cfg.sft, cfg.seed, "sft")
     save_steps = cfg.sft.checkpoint_steps()
     res = _resources(cfg)
     conf = {"settings": settings, "save_steps": save_steps, "eval_rows": cfg.sft.eval_rows, "model": cfg.model.base,
@@ -224,26 +209,22 @@ def read_preferences(cfg: ExperimentConfig, files: list[str] | None = None) -> t
                              exclude=[cfg.run_dir])
 
 
-def pref_stage(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None,
-               method: str | None = None, num_pairs: int | None = None) -> dict[str, Any]:
-    """Preference tuning with ``method`` (default pref.method) on ``num_pairs`` rows (default pref.num_pairs),
-    from the scenario's start: an SFT checkpoint, model.base or model.instruct."""
+def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Preference tuning with pref.method on pref.num_pairs rows, from the scenario's start: the SFT checkpoint
+    pref.sft_step (of the selection of select.k rows), model.base or model.instruct."""
     p = cfg.pref
-    sft_step = p.sft_step if sft_step is None else sft_step
-    method = method or p.method
-    num_pairs = p.num_pairs if num_pairs is None else num_pairs
+    method, num_pairs = p.method, p.num_pairs
     if p.start_from == "sft":
-        k = k or cfg.select.k
-        ckpt = _pick_checkpoint(sft_stage(cfg, k), sft_step)
-        start, label = ckpt["path"], f"k{k}-step{ckpt['step']}"
+        ckpt = _pick_checkpoint(sft_stage(cfg), p.sft_step)
+        start, label = ckpt["path"], f"k{cfg.select.k}-step{ckpt['step']}"
         start_info = {"from": "sft", "sft_step": ckpt["step"], "checkpoint": start}
     else:
         name = cfg.model.base if p.start_from == "base" else cfg.model.instruct
         start, label = models.resolve(name), p.start_from
         start_info = {"from": p.start_from, "model": name}
     label += f"-{method}" + (f"-n{num_pairs}" if num_pairs else "")
-    params = p.method_params(method)
-    settings = train.train_settings(config_dict(p), cfg.seed, method, params)
+    settings = train.train_settings(p, cfg.seed, method)
+    params = settings["params"]
     save_steps = p.checkpoint_steps()
     res = _resources(cfg)
     conf = {"method": method, "settings": settings, "save_steps": save_steps, "num_pairs": num_pairs,
@@ -290,8 +271,8 @@ def eval_prompts(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
 
 def generate_stage(cfg: ExperimentConfig, model: str, label: str) -> dict[str, Any]:
     """Answers of ``model`` (a resolved path, URI or hub id) to the eval prompts."""
-    g = config_dict(cfg.generate)
-    conf = {"backend": g["backend"], "max_new_tokens": g["max_new_tokens"], "max_eval_prompts": cfg.data.max_eval_prompts,
+    g = cfg.generate
+    conf = {"backend": g.backend, "max_new_tokens": g.max_new_tokens, "max_eval_prompts": cfg.data.max_eval_prompts,
             "model": model}
     prompt_files = _files([cfg.data.eval_prompts] if cfg.data.eval_prompts else [], "eval_prompts", cfg.run_dir)
     # One file: its fingerprint, as before; a directory or glob: its files' (never the run's own outputs).
@@ -301,7 +282,7 @@ def generate_stage(cfg: ExperimentConfig, model: str, label: str) -> dict[str, A
 
     def work(d: Path) -> dict[str, Any]:
         prompts, bad = eval_prompts(cfg)
-        out = generate.generate(model, [{"id": r["id"], "messages": r["messages"]} for r in prompts], g)
+        out = generate(model, [{"id": r["id"], "messages": r["messages"]} for r in prompts], g)
         rows = [{"id": r["id"], "messages": r["messages"], "answer": o["answer"], "num_new_tokens": o["num_new_tokens"]}
                 for r, o in zip(prompts, out)]
         _write_jsonl(d / "answers.jsonl", rows)
@@ -351,14 +332,21 @@ def _judge_openai(msgs: list[dict], j: Any, d: Path) -> tuple[list[dict], dict[s
 
 
 def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """The judge's verdicts on ``target``'s answers against ``baseline``'s (generate stages' results), by the
+    protocol ``judge.protocol`` names; the local judge generates with ``judge.generate`` (default: ``generate``)."""
     j = cfg.judge
+    kind = JUDGES[j.protocol]
     judge_model = models.resolve(j.model) if j.backend == "local" else j.model
     # How requests are sent is not what they ask: a change to these keeps the stage's directory, so a re-run
-    # with, say, more retries still finds the answers stored by the failed run.
-    conf = {k: v for k, v in config_dict(j).items() if k not in SENDING}
+    # with, say, more retries still finds the answers stored by the failed run. Of the local generation
+    # settings, only the backend changes the answers (batches and actors do not), as in generate_stage's key.
+    conf = {k: v for k, v in config_dict(j).items() if k not in SENDING and k != "generate"}
     conf["judge_model"] = judge_model
-    inputs = {"target": fingerprint(target["outputs"]["answers"]), "baseline": fingerprint(baseline["outputs"]["answers"])}
+    inputs = {"target": fingerprint(target["outputs"]["answers"]),
+              "baseline": fingerprint(baseline["outputs"]["answers"])}
+    gen = j.generation(cfg.generate)
     if j.backend == "local":
+        conf["generation_backend"] = gen.backend
         inputs["judge"] = fingerprint(judge_model)
 
     def work(d: Path) -> dict[str, Any]:
@@ -367,20 +355,18 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
         missing = [r["id"] for r in t_rows if r["id"] not in b]
         if missing:
             raise PipelineError(f"baseline answers lack prompts {missing[:5]}")
-        requests = judge.build_requests(t_rows, {r["id"]: r["answer"] for r in t_rows}, b, j.format_example)
+        requests = kind.build(t_rows, {r["id"]: r["answer"] for r in t_rows}, b, j)
         msgs = [{"id": r["id"], "messages": r["messages"]} for r in requests]
         requested: dict[str, Any] = {}
         if j.backend == "local":
-            outs = generate.generate(judge_model, msgs, {**config_dict(cfg.generate), "max_new_tokens": j.max_new_tokens})
+            outs = generate(judge_model, msgs, gen)
         else:
             outs, requested = _judge_openai(msgs, j, d)
-        verdicts, summary = judge.score(requests, outs, j.rule)
+        verdicts, summary = kind.score(requests, outs, j)
         _write_jsonl(d / "verdicts.jsonl", verdicts)
         return {"outputs": {"verdicts": str(d / "verdicts.jsonl"), "target": target["dir"], "baseline": baseline["dir"],
                             **({"responses": str(d / "responses.jsonl")} if requested else {})},
-                "counts": {"prompts": summary["prompts"], "valid": summary["valid"], "invalid": summary["invalid"],
-                           "unparsed_judgements": summary["unparsed_judgements"],
-                           "failed_judgements": summary["failed_judgements"],
+                "counts": {**{c: summary[c] for c in COUNTS},
                            **({"endpoint_requests": requested} if requested else {})},
                 "metrics": summary}
 
@@ -390,36 +376,60 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
 # ------------------------------------------------------------------------------------------ composition
 
 
-def trained_model(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None,
-                  method: str | None = None, num_pairs: int | None = None) -> tuple[str, str]:
-    pref = pref_stage(cfg, k, sft_step, method, num_pairs)
+def trained_model(cfg: ExperimentConfig) -> tuple[str, str]:
+    """The preference-tuned model of the config's point (its stages first): its path and its label."""
+    pref = pref_stage(cfg)
     return pref["outputs"]["model"], f"{pref['label']}-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"
 
 
-def run_point(cfg: ExperimentConfig, k: int | None = None, sft_step: int | str | None = None,
-              method: str | None = None, num_pairs: int | None = None) -> dict[str, Any]:
-    """select -> sft -> pref -> generate (trained and baseline) -> judge; returns the point's results."""
-    model, label = trained_model(cfg, k, sft_step, method, num_pairs)
-    target = generate_stage(cfg, model, label)
-    base = generate_stage(cfg, baseline_model(cfg), "baseline")
-    verdict = judge_stage(cfg, target, base)
-    m = verdict["metrics"]
-    return {"k": k or cfg.select.k, "sft_step": cfg.pref.sft_step if sft_step is None else sft_step,
-            "method": method or cfg.pref.method,
-            "num_pairs": cfg.pref.num_pairs if num_pairs is None else num_pairs,
-            "start_from": cfg.pref.start_from, "metric": m.get(cfg.search.metric), **m,
-            "model": model, "judge_dir": verdict["dir"]}
+def generate_point(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The answers at the config's point: ``{model, target, baseline}``, the trained model's path and the
+    generate manifests of its answers and of the baseline's (the stages before first)."""
+    model, label = trained_model(cfg)
+    return {"model": model, "target": generate_stage(cfg, model, label),
+            "baseline": generate_stage(cfg, baseline_model(cfg), "baseline")}
+
+
+def judge_point(cfg: ExperimentConfig) -> dict[str, Any]:
+    """:func:`generate_point`'s, and ``judge``: the judge manifest of the trained model against the baseline."""
+    answers = generate_point(cfg)
+    return {**answers, "judge": judge_stage(cfg, answers["target"], answers["baseline"])}
+
+
+def run_point(cfg: ExperimentConfig) -> dict[str, Any]:
+    """select -> sft -> pref -> generate (trained and baseline) -> judge at the config's point (a search trial
+    runs it at ``cfg.at(point)``); returns the point's results."""
+    point = judge_point(cfg)
+    m = point["judge"]["metrics"]
+    return {"k": cfg.select.k, "sft_step": cfg.pref.sft_step, "method": cfg.pref.method,
+            "num_pairs": cfg.pref.num_pairs, "start_from": cfg.pref.start_from, "metric": m.get(cfg.search.metric),
+            **m, "model": point["model"], "judge_dir": point["judge"]["dir"]}
+
+
+def _search(cfg: ExperimentConfig) -> tuple[list[dict], Path]:
+    results, timings = search.run_search(cfg, run_point)
+    return results, write_search_results(cfg, results, timings)
+
+
+def _fail_if_a_trial_failed(results: list[dict], where: str) -> None:
+    failed = [r for r in results if r.get("error")]
+    if failed:
+        raise search_error(f"{len(failed)} of {len(results)} search trials failed ({where})", failed)
+
+
+def run_search(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The search on Ray Tune, each trial :func:`run_point` at a point of the grid; its results, written to
+    ``<run_dir>/search/results.json`` (a failed trial fails the search once every trial ran)."""
+    results, path = _search(cfg)
+    _fail_if_a_trial_failed(results, f"results: {path}")
+    return {"results": results, "written": str(path)}
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The search over (k, SFT step) on Ray Tune, each trial a pipeline point; then the report."""
-    results, timings = search.run_search(cfg, run_point)
-    write_search_results(cfg, results, timings)
+    """The search, then the report (of the failed trials too, before their error is raised)."""
+    results, _ = _search(cfg)
     paths = _write_report(cfg, results)
-    failed = [r for r in results if r.get("error")]
-    if failed:
-        raise search_error(f"{len(failed)} of {len(results)} search trials failed (report: {paths['markdown']})",
-                           failed)
+    _fail_if_a_trial_failed(results, f"report: {paths['markdown']}")
     return {"results": results, "report": paths}
 
 
@@ -450,19 +460,13 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
     s, data, names = cfg.select, {}, {}
     if "select" in stages:
         data["data.sft"] = cfg.data.sft
-        if ("length" in s.scorers and s.length_unit == "tokens") or s.max_tokens is not None:
-            names["model.base"] = cfg.model.base  # its tokenizer
-        if "deita" in s.scorers:
-            names["select.deita.complexity_model"] = s.deita.complexity_model
-            names["select.deita.quality_model"] = s.deita.quality_model
-        if "rating" in s.scorers:
-            if s.rating.backend == "openai":
-                _endpoint_set("select.rating", s.rating.api_base_env, s.rating.api_key_env)
-            else:
-                names["select.rating.model"] = s.rating.model
-        if s.selector in ("repr_filter", "kmeans"):
+        names.update(dict(select.model_names(cfg).values()))  # what the scorers and max_tokens need
+        for section in select.endpoint_sections(s):
+            endpoint = getattr(s, section)
+            _endpoint_set(f"select.{section}", endpoint.api_base_env, endpoint.api_key_env)
+        if select.SELECTORS[s.selector].embeds:
             name = s.embedding.model_name(cfg.model.base)
-            if name != embed.DEFAULT_SENTENCE_MODEL:  # that one comes from its wheel
+            if name != select.embed.DEFAULT_SENTENCE_MODEL:  # that one comes from its wheel
                 names["select.embedding.model" if s.embedding.model else "model.base"] = name
     if stages & {"sft", "pref"}:
         names["model.base"] = cfg.model.base

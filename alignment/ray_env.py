@@ -5,22 +5,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ActorPoolConfig
 
 log = logging.getLogger("alignment")
 
 
-def actor_threads(pool: dict[str, Any]) -> int:
-    """Torch threads for an actor of ``pool`` (an ActorPoolConfig dict): its CPUs, rounded up."""
-    return max(1, math.ceil(pool["cpus_per_actor"]))
+def actor_threads(pool: ActorPoolConfig) -> int:
+    """Torch threads for an actor of ``pool``: its CPUs, rounded up."""
+    return max(1, math.ceil(pool.cpus_per_actor))
 
 
-def actor_pool(pool: dict[str, Any]) -> dict[str, Any]:
-    """``map_batches`` arguments for a Ray Data actor pool as ``pool`` (an ActorPoolConfig dict) says."""
+def actor_pool(pool: ActorPoolConfig) -> dict[str, Any]:
+    """``map_batches`` arguments for a Ray Data actor pool as ``pool`` says."""
     import ray
 
-    return {"compute": ray.data.ActorPoolStrategy(size=pool["num_actors"]), "num_cpus": pool["cpus_per_actor"],
-            "num_gpus": pool["gpus_per_actor"] or None}
+    return {"compute": ray.data.ActorPoolStrategy(size=pool.num_actors), "num_cpus": pool.cpus_per_actor,
+            "num_gpus": pool.gpus_per_actor or None}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

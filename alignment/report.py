@@ -8,9 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs"), ("win", "win"),
-           ("tie", "tie"), ("loss", "loss"), ("invalid", "invalid"), ("win_rate", "win rate"), ("score", "score"),
-           ("order_disagreement_rate", "orders disagree")]
+from .evaluate import JUDGES
+
+# The grid point's columns; the judge's own follow, as its entry in JUDGES declares them.
+POINT_COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs")]
 
 
 def _varied(results: list[dict]) -> set[str]:
@@ -18,10 +19,11 @@ def _varied(results: list[dict]) -> set[str]:
     return {key for key in ("method", "num_pairs") if len({str(r.get(key)) for r in results}) > 1}
 
 
-def _columns(results: list[dict]) -> list[tuple[str, str]]:
-    """The table's columns: method and pairs only where the search varied them."""
+def _columns(results: list[dict], protocol: str) -> list[tuple[str, str]]:
+    """The table's columns: method and pairs only where the search varied them, then the judge's."""
     varied = _varied(results)
-    return [(k, n) for k, n in COLUMNS if k not in ("method", "num_pairs") or k in varied]
+    point = [(k, n) for k, n in POINT_COLUMNS if k not in ("method", "num_pairs") or k in varied]
+    return point + list(JUDGES[protocol].columns)
 
 
 def _point(r: dict, sep: str = ", ") -> str:
@@ -110,28 +112,29 @@ def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dic
     metric = cfg["search"]["metric"]
     png = plot(results, metric if metric != "score" else "score", out_dir / "winrate.png")
     judge_cfg = cfg["judge"]
+    kind = JUDGES[judge_cfg["protocol"]]
     baseline = judge_cfg.get("baseline") or cfg["model"]["base"]
     ok = [r for r in results if r.get("metric") is not None]
     best = max(ok, key=lambda r: r["metric"]) if ok else None
     failed = [r for r in results if r.get("error")]
 
     sel = cfg["select"]
-    ranking = " + ".join(f"{w:g} x {n}" if w != 1 else n for n, w in (sel.get("rank_by") or {sel["scorers"][0]: 1}).items())
+    weights = sel.get("rank_by") or {sel["scorers"][0]: 1}
+    ranking = " + ".join(f"{w:g} x {n}" if w != 1 else n for n, w in weights.items())
     ranking = ranking.replace("length", f"length ({sel['length_unit']})")
     intro = [
         f"Experiment **{cfg['name']}**: model `{cfg['model']['base']}`, selection ranked by {ranking} "
         f"({sel['selector']}), preference method {', '.join(cfg['search'].get('method') or [cfg['pref']['method']])}, "
         f"starting from {cfg['pref']['start_from']}.",
-        f"Judge: `{judge_cfg['model']}` ({judge_cfg['backend']}), both orders, aggregation rule **{judge_cfg['rule']}**"
-        + (" with a format example" if judge_cfg.get("format_example") else "") + f"; baseline: `{baseline}`.",
-        "Rates are over valid prompts (both orders parsed); *invalid* counts prompts with an unparsed judgement.",
+        f"Judge: `{judge_cfg['model']}` ({judge_cfg['backend']}), {kind.describe(judge_cfg)}; baseline: `{baseline}`.",
+        kind.note,
     ]
     if best:
         intro.append(f"Best by {metric}: {_point(best)} ({_fmt(best['metric'])}).")
     else:
         intro.append(f"No point has a valid {metric}: every judgement was unparsed or failed.")
 
-    columns = _columns(results)
+    columns = _columns(results, judge_cfg["protocol"])
     header = "| " + " | ".join(name for _, name in columns) + " |"
     sep = "|" + "---|" * len(columns)
     rows = ["| " + " | ".join(_fmt(r.get(key)) for key, _ in columns) + " |" for r in results]

@@ -1,8 +1,8 @@
 """The search: a Ray Tune grid over the selection size k, the SFT step that preference tuning starts from,
 the preference method and the preference training-set size.
 
-Each trial calls ``trial_fn(cfg, k, sft_step, method, num_pairs)`` (the pipeline's ``run_point``) and
-reports its metric.
+Each trial calls ``trial_fn(cfg.at(point))`` (the pipeline's ``run_point`` on the config at its point
+``{k, sft_step, method, num_pairs}``) and reports its metric.
 Trials with the same k share one selection and one SFT run through the stage manifests; with several
 trials at once, a file lock per stage makes the later trial wait for the earlier one's result.
 """
@@ -21,12 +21,13 @@ from typing import Any
 
 from .config import ExperimentConfig
 from .errors import RUN_FAILED, AlignmentError, unwrap
+from .evaluate import SUMMARY_KEYS
 
 log = logging.getLogger("alignment")
 
-# What a trial's result keeps from the point's metrics (plus every ``*_rate``).
-_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", "rule", "prompts", "valid", "win", "tie",
-         "loss", "invalid", "judgements", "unparsed_judgements", "failed_judgements", "score", "model", "judge_dir")
+# What a trial's result keeps from the point's metrics (plus every ``*_rate``): the point, and every judge's
+# settings, counts and metrics as the judges' table declares them (a new judge adds its own there).
+_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", *SUMMARY_KEYS, "model", "judge_dir")
 
 
 # The credentials Ray Tune copies from the driver's environment into each trial's runtime_env, which Ray's
@@ -51,7 +52,7 @@ def _trial(config: dict[str, Any], cfg_json: dict[str, Any], trial_fn: Callable)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ExperimentConfig.model_validate(cfg_json)
-    result = trial_fn(cfg, **config["point"])
+    result = trial_fn(cfg.at(config["point"]))
     metric = result.get("metric")
     tune.report({**result, "metric": float("nan") if metric is None else float(metric)})
 

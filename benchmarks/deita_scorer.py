@@ -6,7 +6,7 @@ SmolLM2-135M-Instruct stands in for the 7B Deita scorers (the method does not de
 are real instruction data from ../shared/data/sft, taken in turn from Alpaca and Evol-Instruct (``--files 3``
 adds LIMA), so any ``--rows`` has the same mix of short and long rows.
 Every row gets a complexity and a quality score per turn. Measured in one process, on the same rows:
-- batched: :class:`alignment.scoring.CausalLMScorer`, one forward pass per batch of length-sorted prompts,
+- batched: :class:`alignment.select.scorers.deita.CausalLMScorer`, one forward pass per batch of length-sorted prompts,
   the output head on the last real token only;
 - per row: the reference's way, a two-token greedy ``generate`` per prompt, the first step's scores;
 then rows/s of each, the ratio, and the largest difference between the two scores (target: < 1e-3).
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignment import formats, models  # noqa: E402
-from alignment.select import scoring  # noqa: E402
+from alignment.select.scorers import deita  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "sft"
 FILES = ["alpagasus_alpaca_1k.json", "evol_instruct_1k.json", "lima_1k.json"]
@@ -56,16 +56,16 @@ def main() -> int:
     per_file = [[g["messages"] for g in formats.read_rows(str(DATA / name), "sft")[0]] for name in FILES[:args.files]]
     rows = [r for group in zip(*per_file) for r in group][:args.rows]  # round-robin: the same mix at any size
     path = models.resolve(args.model)
-    plans = [scoring.deita_prompts(m) for m in rows]
+    plans = [deita.deita_prompts(m) for m in rows]
     prompts = [p for c, q in plans for p in c + q]
     print(f"{len(rows)} rows, {len(prompts)} prompts (complexity + quality per turn), model {args.model}, "
           f"device {args.device} ({args.dtype}), torch threads {torch.get_num_threads()}")
 
-    scorer = scoring.CausalLMScorer(path, args.max_length, args.batch_size, args.device, args.dtype,
+    scorer = deita.CausalLMScorer(path, args.max_length, args.batch_size, args.device, args.dtype,
                                     batch_tokens=args.batch_tokens)
     scorer.score(prompts[:4])  # warm-up
     t = time.perf_counter()
-    scored = scoring.deita_scores(rows, scorer, scorer)  # what the select stage's actors run
+    scored = deita.deita_scores(rows, scorer, scorer)  # what the select stage's actors run
     fast_s = time.perf_counter() - t
     reasons = [r["error"] for r in scored]
     n_tokens = sum(min(len(scorer.encode(p)), args.max_length) for p in prompts)
@@ -77,15 +77,15 @@ def main() -> int:
     ref_prompts = [p for j in sample for p in plans[j][0] + plans[j][1]]
     fast_sample = [x for j in sample for x in scored[j]["deita_complexity"] + scored[j]["deita_quality"]]
     model, tok = scorer.model, scorer.tok
-    scoring.reference_expected_score(model, tok, ref_prompts[0], scorer.ids)  # warm-up
+    deita.reference_expected_score(model, tok, ref_prompts[0], scorer.ids)  # warm-up
     t = time.perf_counter()
     ref: list[float | None] = []
     for p in ref_prompts:
         ref.append(None if len(scorer.encode(p)) > args.max_length else
-                   scoring.reference_expected_score(model, tok, p, scorer.ids))
+                   deita.reference_expected_score(model, tok, p, scorer.ids))
     ref_s = time.perf_counter() - t
-    print(f"per row (two-token generate){'' if n_ref == len(rows) else f', every {args.reference_every}th row ({n_ref} rows)'}: {ref_s:.1f} s, "
-          f"{n_ref / ref_s:.1f} rows/s")
+    which = "" if n_ref == len(rows) else f", every {args.reference_every}th row ({n_ref} rows)"
+    print(f"per row (two-token generate){which}: {ref_s:.1f} s, {n_ref / ref_s:.1f} rows/s")
 
     pairs = [(a, b) for a, b in zip(fast_sample, ref) if a is not None and b is not None]
     diff = max(abs(a - b) for a, b in pairs) if pairs else float("nan")

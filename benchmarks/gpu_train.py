@@ -6,7 +6,7 @@
 Runs ``alignment.train.build_trainer``, the code the sft and pref stages run inside each Ray Train worker, in
 this process without Ray (Ray's own overhead is measured on CPU by ``train_throughput.py``), with the settings a
 GPU worker gets: bf16 weights, activation checkpointing on unless ``--no-checkpointing``, and with ``--strategy
-fsdp`` the FSDP2 arguments of ``alignment.train._device_args`` (launch through torchrun, which sets up the
+fsdp`` the FSDP2 arguments of ``alignment.train.trainer._device_args`` (launch through torchrun, which sets up the
 process group as Ray Train does). Models are random-initialised from a config, since the weights do not change
 the arithmetic: ``smollm2-135m`` is SmolLM2-135M-Instruct's config and tokenizer (``--smollm2-dir``, default the
 cached checkpoint), ``llama-1b`` a Llama with Llama-3.2-1B's shape (2048 wide, 16 layers, 32 heads, 8 KV heads,
@@ -38,8 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from alignment import formats  # noqa: E402
-from alignment.train import fit as train  # noqa: E402
+from alignment import formats, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASHEET_TFLOPS = 989.0  # H100 SXM, dense bf16

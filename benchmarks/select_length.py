@@ -34,10 +34,12 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignment import formats, models  # noqa: E402
-from alignment.select import scoring  # noqa: E402
-from alignment.select import stage as select  # noqa: E402
 from quickstart import tree_memory  # noqa: E402  (benchmarks/quickstart.py)
+
+from alignment import formats, models, select  # noqa: E402
+from alignment.config import SelectConfig  # noqa: E402
+from alignment.select.scorers.length import length_scores  # noqa: E402
+from alignment.select.selectors import TopK  # noqa: E402
 
 VOCAB = ("the a of to and in is it that for on with as was be by this are from or an at which can use data model "
          "learn train answer question explain example first second then because however therefore result value "
@@ -84,7 +86,7 @@ class PeakMemory:
             self.peak = max(self.peak, tree_memory(me)[0])
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._t.start()
         return self
 
@@ -96,7 +98,7 @@ class PeakMemory:
 def bare(paths: list[str], k: int, unit: str, tokenizer, batch: int = 4096) -> tuple[float, list[str]]:
     """Read, validate, score and keep the top k in this process: (seconds, selected ids)."""
     t = time.perf_counter()
-    top = select.TopK(k)
+    top = TopK(k)
     for shard in formats.plan_shards(paths):
         rows = []
         for r in formats.read_shard(shard, "sft", "alpaca"):
@@ -111,7 +113,7 @@ def bare(paths: list[str], k: int, unit: str, tokenizer, batch: int = 4096) -> t
 
 def _bare_batch(rows, unit, tokenizer, top) -> None:
     good = [r for r in rows if r["error"] is None]
-    scores = scoring.length_scores([r["messages"] for r in good], unit, tokenizer)
+    scores = length_scores([r["messages"] for r in good], unit, tokenizer)
     top.add(pa.table({"id": [r["id"] for r in good], "source": [r["source"] for r in good],
                       "row": [r["row"] for r in good], "score": [float(s) for s in scores]}))
 
@@ -143,19 +145,26 @@ def main() -> int:
     for unit in args.units.split(","):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        spec = select.spec(length_unit=unit, tokenizer=tok_path if unit == "tokens" else None)
+        s = SelectConfig(k=args.k, length_unit=unit, batch_size=4096)
+        tokenizer_path = tok_path if unit == "tokens" else None
+
+        def run(files: list[str], k: int, s: SelectConfig = s, tokenizer_path: str | None = tokenizer_path) -> dict:
+            resolved = select.Resolved(files=tuple(files), format="alpaca", seed=0, tokenizer=tokenizer_path)
+            return select.run_select(s.model_copy(update={"k": k}), resolved, out)
+
         # Warm-up on a few rows: Ray's workers start (and load the tokenizer) outside the timed run.
-        select.run_select(warmup, "alpaca", 10, spec, out, batch_size=4096)
+        run(warmup, 10)
         with PeakMemory() as mem:
             t = time.perf_counter()
-            res = select.run_select(paths, "alpaca", args.k, spec, out, batch_size=4096)
+            res = run(paths, args.k)
             ray_s = time.perf_counter() - t
         import pyarrow.parquet as pq
 
         ray_ids = pq.read_table(res["outputs"]["selected"])["id"].to_pylist()
         bare_s, bare_ids = bare(paths, args.k, unit, tokenizer if unit == "tokens" else None)
         line = (f"{unit}: Ray {args.rows / ray_s:,.0f} rows/s ({ray_s:.1f} s, peak {mem.peak / 2**30:.2f} GiB PSS), "
-                f"bare one process {args.rows / bare_s:,.0f} rows/s ({bare_s:.1f} s); Ray / bare = {bare_s / ray_s:.2f}; "
+                f"bare one process {args.rows / bare_s:,.0f} rows/s ({bare_s:.1f} s); "
+                f"Ray / bare = {bare_s / ray_s:.2f}; "
                 f"same selection: {ray_ids == bare_ids}")
         if unit == "tokens":
             texts = []
@@ -181,7 +190,7 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             with PeakMemory() as small:
-                select.run_select(quarter, "alpaca", args.k, spec, out, batch_size=4096)
+                run(quarter, args.k)
             print(f"memory flat? {unit}: peak {small.peak / 2**30:.2f} GiB PSS at {args.rows // 4} rows, "
                   f"{mem.peak / 2**30:.2f} GiB at {args.rows} rows (ratio {mem.peak / small.peak:.2f})", flush=True)
     ray.shutdown()

@@ -27,8 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from alignment import formats, models  # noqa: E402
-from alignment.train import fit as train  # noqa: E402
+from alignment import formats, models, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -91,7 +90,8 @@ def main() -> int:
 
             t = time.perf_counter()
             run = train.fit(method, rows, path, s, [args.steps], str(Path(tmp) / "ray"),
-                            {"num_workers": 1, "use_gpu": False, "cpus_per_worker": float(args.cpus), "strategy": "auto"})
+                            {"num_workers": 1, "use_gpu": False, "cpus_per_worker": float(args.cpus),
+                             "strategy": "auto"})
             ray_wall = time.perf_counter() - t
             ray_rate, ray_tokens = steady_rate(run["history"], args.warmup)
         overhead = 1 - ray_rate / plain_rate

@@ -209,7 +209,8 @@ def main() -> None:
     (OUT / "sft_sharegpt.json").write_text(json.dumps(sharegpt, indent=1, ensure_ascii=False) + "\n")
     dump_jsonl("preferences.jsonl", prefs)
     dump_jsonl("preferences_hh.jsonl", hh)
-    dump_jsonl("eval_prompts.jsonl", [{"question_id": i + 1, "text": t, "category": c} for i, (c, t) in enumerate(EVAL)])
+    dump_jsonl("eval_prompts.jsonl",
+               [{"question_id": i + 1, "text": t, "category": c} for i, (c, t) in enumerate(EVAL)])
     print(f"{len(alpaca)} alpaca + {len(sharegpt)} sharegpt rows, {len(prefs)} pairs, {len(hh)} hh pairs, "
           f"{len(EVAL)} eval prompts in {OUT}")
 

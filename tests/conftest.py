@@ -6,6 +6,7 @@ import json
 import os
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def shared(*parts: str) -> Path:
 def make_tiny_model(target: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama with a BPE tokenizer trained here, ChatML tokens and SmolLM2's chat template."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from alignment.models import SMOLLM2_CHAT_TEMPLATE
@@ -202,3 +203,29 @@ def write_config(tmp_path: Path, exp: dict) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
     return path
+
+
+def stop_head(temp: Path) -> None:
+    """Stop only the head this test started: the processes whose command lines name its temp dir, and all
+    their descendants (Ray renames workers and agents, e.g. ``ray::DashboardAgent``). `ray stop` would
+    also stop the test session's own local Ray."""
+    import psutil
+
+    procs = set()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(str(temp) in part for part in (p.info["cmdline"] or [])):
+                procs.add(p)
+                procs.update(p.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    procs = list(procs)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+    time.sleep(1)

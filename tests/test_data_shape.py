@@ -12,10 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from alignment import formats, manifest
-from alignment.select import stage as select
 from conftest import write_jsonl
+
+from alignment import formats, manifest, select
+from alignment.config import SelectConfig
+from alignment.select import stage
+from alignment.select.rows import MESSAGES_TYPE
+from alignment.select.scorers.random import random_scores
 
 
 def msgs(*roles: str) -> list[dict]:
@@ -106,12 +109,10 @@ def test_the_select_read_path_uses_the_same_ids(tmp_path):
     shards = formats.plan_shards(paths)
     assert [formats.Shard.from_dict(s.to_dict()) for s in shards] == shards
     batch = {k: [s.to_dict()[k] for s in shards] for k in shards[0].to_dict()}
-    (table,) = list(select.read_batch(batch, "auto"))
+    (table,) = list(stage.read_batch(batch, "auto"))
     ids = table["id"].to_pylist()
     assert ids == ["a/train.jsonl:0", "b/train.jsonl:0"]
-    from alignment.select import scoring
-
-    assert len(set(scoring.random_scores(ids, 0))) == 2
+    assert len(set(random_scores(ids, 0))) == 2
 
 
 def test_duplicate_ids_are_set_aside_naming_the_first(tmp_path, caplog):
@@ -142,9 +143,9 @@ def test_select_counts_duplicate_ids_sets_aside_bad_turns_and_exports(ray_local,
         {"id": "user-user", "messages": [*msgs("user", "user"), {"role": "assistant", "content": "longest " * 50}]}])
     out = tmp_path / "out"
     out.mkdir()
-    s = select.spec(scorers=["length", "random"], length_unit="words", export=["trl", "alpaca"])
+    s = SelectConfig(k=7, scorers=["length", "random"], length_unit="words", export=["trl", "alpaca"])
     with caplog.at_level(logging.WARNING, logger="alignment"):
-        res = select.run_select([str(tmp_path / "data")], "auto", 7, s, out)
+        res = select.run_select(s, select.Resolved(files=(str(tmp_path / "data"),), format="auto", seed=0), out)
     c = res["counts"]
     assert (c["rows_read"], c["rows_kept"], c["rows_set_aside"], c["rows_selected"]) == (8, 7, 1, 7)
     aside = [json.loads(x) for x in open(out / "set_aside.jsonl")]
@@ -172,8 +173,8 @@ def test_select_counts_duplicate_ids_sets_aside_bad_turns_and_exports(ray_local,
 def test_alpaca_export_leaves_out_a_multi_turn_row_only(tmp_path):
     rows = [{"id": "one", "messages": msgs("user", "assistant")},
             {"id": "two", "messages": msgs("user", "assistant", "user", "assistant")}]
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("messages", select.MESSAGES_TYPE)]))
-    outputs, left = select.export_selection(table, ["sharegpt", "alpaca"], tmp_path)
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("messages", MESSAGES_TYPE)]))
+    outputs, left = stage.export_selection(table, ["sharegpt", "alpaca"], tmp_path)
     assert [json.loads(x)["id"] for x in open(outputs["export_sharegpt"])] == ["one", "two"]
     assert [json.loads(x)["id"] for x in open(outputs["export_alpaca"])] == ["one"]
     assert [(x["id"], x["rank"]) for x in left["alpaca"]] == [("two", 2)] and "sharegpt" not in left

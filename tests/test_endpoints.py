@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from alignment import endpoints, pipeline
-from alignment.select import stage as select
-from alignment.config import ExperimentConfig
-from alignment.manifest import read_manifest
 from conftest import write_jsonl
+
+from alignment import endpoints, pipeline, select
+from alignment.config import ExperimentConfig, SelectConfig
+from alignment.manifest import read_manifest
 
 FAST = endpoints.Retry(max_retries=3, backoff_s=0.001)
 KEY = "sk-test-0123456789abcdef"
@@ -298,11 +297,16 @@ def pool(tmp_path: Path, *ids: str) -> str:
     return str(write_jsonl(tmp_path / "pool.jsonl", rows))
 
 
+def rate(src: str, k: int, out: Path, allow_fewer: bool = False, **kw: object) -> dict:
+    """The select stage on ``src`` with the rating scorer (its endpoint settings ``kw``)."""
+    s = SelectConfig(k=k, scorers=["rating"], rating=rating(**kw), allow_fewer=allow_fewer)
+    return select.run_select(s, select.Resolved(files=(src,), format="auto", seed=0), out)
+
+
 def test_rating_retries_429s_and_selects_from_every_row(ray_local, tmp_path, serve):
     # Today's failure: one try per request, so 2 of 5 rows were set aside and the selection made from 3.
     serve(lambda n, text, auth: status(429, "", Retry_After="0") if n % 2 == 0 else ok("5"))
-    r = select.run_select([pool(tmp_path, *"abcde")], "auto", 5, select.spec(scorers=["rating"], rating=rating()),
-                          tmp_path)
+    r = rate(pool(tmp_path, *"abcde"), 5, tmp_path)
     assert r["counts"]["rows_selected"] == 5 and r["counts"]["rows_set_aside"] == 0
     assert r["counts"]["rating_requests"] == {"rows": 5, "answered_earlier": 0, "failed": {}}
 
@@ -319,8 +323,7 @@ def test_rating_failures_are_counted_by_kind_and_never_hold_the_key(ray_local, t
 
     ep = serve(respond, key=KEY + "\n")
     src = pool(tmp_path, "ok1", "ok2", "busy", "drop", "echo", "garbled")
-    r = select.run_select([src], "auto", 2, select.spec(scorers=["rating"], rating=rating(max_failed_fraction=1.0)),
-                          tmp_path)
+    r = rate(src, 2, tmp_path, max_failed_fraction=1.0)
     assert r["counts"]["set_aside_reasons"] == {
         "score_rating: endpoint http 429": 1, "score_rating: endpoint connection": 1,
         "score_rating: endpoint http 400": 1, "score_rating: unparsed rating": 1}
@@ -334,15 +337,14 @@ def test_rating_over_the_fraction_fails_and_a_rerun_sends_only_the_failed_rows(r
     up = {"now": False}
     ep = serve(lambda n, text, auth: ok("3") if "task ok" in text or up["now"] else status(503, "overloaded"))
     src = pool(tmp_path, "ok1", "ok2", "ok3", "ok4", "f1", "f2")
-    spec = select.spec(scorers=["rating"], rating=rating())
     with pytest.raises(select.SelectError) as e:
-        select.run_select([src], "auto", 4, spec, tmp_path)
+        rate(src, 4, tmp_path)
     msg = str(e.value)
     assert "rating endpoint failed 2 of 6 requests (http 503: 2)" in msg and "overloaded" in msg
     assert "select.rating.max_failed_fraction=0.01" in msg and "larger than the pool" not in msg
     assert len(ep.hits) == 4 + 2 * 3  # the failed rows were tried three times each
     up["now"] = True
-    r = select.run_select([src], "auto", 4, spec, tmp_path)  # the same directory, as a failed stage's re-run
+    r = rate(src, 4, tmp_path)  # the same directory, as a failed stage's re-run
     assert sorted(text.split("task ")[1][:2] for text, _ in ep.hits[10:]) == ["f1", "f2"]
     assert r["counts"]["rating_requests"] == {"rows": 6, "answered_earlier": 4, "failed": {}}
     assert r["counts"]["rows_selected"] == 4
@@ -350,8 +352,7 @@ def test_rating_over_the_fraction_fails_and_a_rerun_sends_only_the_failed_rows(r
 
 def test_every_rating_failing_names_the_endpoint_error(ray_local, tmp_path, down_url):
     with pytest.raises(select.SelectError) as e:
-        select.run_select([pool(tmp_path, *"abc")], "auto", 2,
-                          select.spec(scorers=["rating"], rating=rating(max_retries=0)), tmp_path)
+        rate(pool(tmp_path, *"abc"), 2, tmp_path, max_retries=0)
     assert "(connection: 3)" in str(e.value) and "refused" in str(e.value).lower()
     assert "larger than the pool" not in str(e.value) and KEY not in str(e.value)
 
@@ -359,8 +360,7 @@ def test_every_rating_failing_names_the_endpoint_error(ray_local, tmp_path, down
 def test_zero_selected_rows_is_an_error_even_with_allow_fewer(ray_local, tmp_path, serve):
     serve(lambda n, text, auth: ok("I cannot rate this"))
     with pytest.raises(select.SelectError, match=r"no rows to select.*score_rating: unparsed rating \(3\)"):
-        select.run_select([pool(tmp_path, *"abc")], "auto", 2, select.spec(scorers=["rating"], rating=rating()),
-                          tmp_path, allow_fewer=True)
+        rate(pool(tmp_path, *"abc"), 2, tmp_path, allow_fewer=True)
 
 
 def test_a_select_rerun_with_a_raised_fraction_keeps_its_directory_and_stored_answers(ray_local, tmp_path, serve):

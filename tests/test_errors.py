@@ -20,9 +20,8 @@ import yaml
 from alignment import cli, models
 from alignment.errors import AlignmentError, unwrap
 from alignment.formats import DataError
-from alignment.select.scoring import ScorerError
-from alignment.select.stage import SelectError
-from alignment.train.fit import TrainError
+from alignment.select import ScorerError, SelectError
+from alignment.train import TrainError, TrainRunError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
@@ -268,7 +267,8 @@ def test_unwrap_finds_the_projects_error_inside_rays():
 
 
 @pytest.mark.parametrize("error,rc", [(SelectError("k too large"), 1), (ScorerError("no single token"), 2),
-                                      (TrainError("no rows"), 2), (DataError("x.jsonl: bad"), 2)])
+                                      (TrainError("no rows"), 2), (DataError("x.jsonl: bad"), 2),
+                                      (TrainRunError("sft: checkpoints for steps [4] were not reported"), 1)])
 def test_every_project_error_is_one_line_with_its_exit_code(tmp_path, capsys, monkeypatch, error, rc):
     def stage(name, cfg):
         raise _task_error(error).as_instanceof_cause()
@@ -328,7 +328,7 @@ def test_a_search_trials_error_is_the_projects_own(ray_local, tmp_path):
     from alignment import search
     from alignment.config import load_config
 
-    def trial(cfg, **point):
+    def trial(cfg):
         raise DataError(f"{EXAMPLES / 'preferences.jsonl'}: row 7: chosen: missing")
 
     results, _ = search.run_search(load_config(experiment(tmp_path)), trial)
@@ -367,8 +367,7 @@ def test_no_secret_reaches_the_run_directory_ray_logs_or_the_output(tmp_path, ti
     the run directory, in Ray's session directory (logs included) or in what the commands printed."""
     import uuid
 
-    from conftest import tiny_experiment
-    from test_ray_job import stop_head
+    from conftest import stop_head, tiny_experiment
 
     tag = uuid.uuid4().hex[:12]
     key, uri_password, hf_token, aws_secret = (f"sk-sweep-{tag}", f"uripass-{tag}", f"hf_sweep{tag}",

@@ -6,9 +6,9 @@ import gzip
 import json
 
 import pytest
+from conftest import shared, write_jsonl
 
 from alignment import formats
-from conftest import shared, write_jsonl
 
 
 @pytest.mark.parametrize("name", ["alpagasus_alpaca_1k.json", "evol_instruct_1k.json", "lima_1k.json"])

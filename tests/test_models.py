@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from pathlib import Path
+
+import pytest
 
 from alignment import models
 
@@ -40,7 +41,8 @@ def test_training_template_renders_like_smollm2s_own_and_masks_only_answers(smol
     for conv in (
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+         {"role": "assistant", "content": "d"}],
     ):
         assert tok.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(
             conv, tokenize=False, chat_template=template)

@@ -1,19 +1,19 @@
-"""The generate stage: answers to chat prompts, from a model or an endpoint, behind one interface.
+"""The generate stage: answers to chat prompts from a local model, behind one interface.
 
-Backends:
+Backends (``GenerateConfig.backend``):
 - ``transformers`` (default, CPU or GPU): Ray Data actors each holding one model, batched greedy ``generate``;
-- ``vllm`` (optional extra, GPU): Ray Data LLM's ``vLLMEngineProcessorConfig`` + ``build_processor``;
-- ``openai``: any OpenAI-compatible chat-completions endpoint (URL and key from the environment).
+- ``vllm`` (optional extra, GPU): Ray Data LLM's ``vLLMEngineProcessorConfig`` + ``build_processor``.
 
 Every backend takes ``[{"id", "messages"}]`` and returns ``[{"id", "answer", "num_new_tokens"}]`` in the
-input order. Decoding is greedy.
+input order. Decoding is greedy. An OpenAI-compatible endpoint is not a backend here: the judge's ``openai``
+backend sends its requests through ``alignment.endpoints.complete_openai``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from ..config import GenerateConfig
 from ..endpoints import GenerationError
 from ..ray_env import actor_pool, actor_threads
 
@@ -51,7 +51,7 @@ def _ordered(prompts: list[dict], out: list[dict]) -> list[dict]:
     return [by_id[p["id"]] for p in prompts]
 
 
-def _generate_transformers(model: str, prompts: list[dict], g: dict[str, Any]) -> list[dict]:
+def _generate_transformers(model: str, prompts: list[dict], g: GenerateConfig) -> list[dict]:
     import ray
 
     # Similar lengths together: less padding per batch.
@@ -59,16 +59,16 @@ def _generate_transformers(model: str, prompts: list[dict], g: dict[str, Any]) -
     ds = ray.data.from_items([{"id": p["id"], "messages": p["messages"]} for p in order])
     ds = ds.map_batches(
         HFGenerator,
-        fn_constructor_kwargs={"model_path": model, "max_new_tokens": g["max_new_tokens"],
-                               "threads": actor_threads(g), "use_gpu": g["gpus_per_actor"] > 0},
-        batch_size=g["batch_size"],
+        fn_constructor_kwargs={"model_path": model, "max_new_tokens": g.max_new_tokens,
+                               "threads": actor_threads(g), "use_gpu": g.gpus_per_actor > 0},
+        batch_size=g.batch_size,
         batch_format="pyarrow",
         **actor_pool(g),
     )
     return _ordered(prompts, ds.take_all())
 
 
-def _generate_vllm(model: str, prompts: list[dict], g: dict[str, Any]) -> list[dict]:
+def _generate_vllm(model: str, prompts: list[dict], g: GenerateConfig) -> list[dict]:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -76,11 +76,11 @@ def _generate_vllm(model: str, prompts: list[dict], g: dict[str, Any]) -> list[d
 
     config = vLLMEngineProcessorConfig(
         model_source=models.engine_source(model),  # a cloud URI is fetched on each GPU node
-        engine_kwargs={"enable_prefix_caching": True, **g.get("vllm_engine_kwargs", {})},
-        concurrency=g["num_actors"],
-        batch_size=g["batch_size"],
+        engine_kwargs={"enable_prefix_caching": True, **g.vllm_engine_kwargs},
+        concurrency=g.num_actors,
+        batch_size=g.batch_size,
     )
-    max_tokens = g["max_new_tokens"]
+    max_tokens = g.max_new_tokens
     processor = build_processor(
         config,
         preprocess=lambda row: {"id": row["id"], "messages": row["messages"],
@@ -92,20 +92,21 @@ def _generate_vllm(model: str, prompts: list[dict], g: dict[str, Any]) -> list[d
     return _ordered(prompts, processor(ds).take_all())
 
 
-def generate(model: str, prompts: list[dict], g: dict[str, Any]) -> list[dict]:
-    """Answers for ``prompts`` (``[{"id", "messages"}]``) with the configured backend, in input order."""
+def generate(model: str, prompts: list[dict], g: GenerateConfig) -> list[dict]:
+    """Answers of ``model`` for ``prompts`` (``[{"id", "messages"}]``) with ``g``'s backend, in input order."""
     if not prompts:
         return []
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise GenerationError("prompt ids are not unique")
-    backend = g["backend"]
+    backend = g.backend
     if backend == "transformers":
         return _generate_transformers(model, prompts, g)
     if backend == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            raise GenerationError("generate.backend=vllm needs the vllm extra: pip install 'alignment[vllm]'") from e
+            raise GenerationError("backend vllm (generate.backend or judge.generate.backend) needs the vllm extra: "
+                                  "pip install 'alignment[vllm]'") from e
         return _generate_vllm(model, prompts, g)
     raise GenerationError(f"unknown generation backend {backend!r}")

@@ -1,11 +1,14 @@
-"""The judge stage: pairwise comparison of two models' answers, in both orders (REFERENCE.md section 2).
+"""The ``vicuna_pairwise`` judge: pairwise comparison of two models' answers, in both orders.
 
-The judge scores two answers 1-10 on the first line of its output; it is asked twice, with the target
-model's answer first and then second. The two orders combine by one of two rules, named in every report:
+The Vicuna evaluation's pairwise prompt as Long Is More uses it (Zhao et al. 2024, "Long Is More for
+Alignment"; the position-bias remedy of Zheng et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and
+Chatbot Arena"). The judge scores two answers 1-10 on the first line of its output; it is asked twice, with
+the target model's answer first and then second. The two orders combine by one of two rules, named in every
+report (the README's judge part):
 
-- ``strict`` (the Long-Is-More paper, FastChat's MT-Bench pairwise rule): a win if the target is preferred in
-  both orders, a loss if the other is preferred in both, a tie otherwise;
-- ``sum`` (Long-Is-More's released code): each order gives +1 / 0 / -1; a sum >= 1 wins, <= -1 loses, 0 ties.
+- ``strict`` (Long Is More's paper, MT-Bench's pairwise rule): a win if the target is preferred in both
+  orders, a loss if the other is preferred in both, a tie otherwise;
+- ``sum`` (Long Is More's released code): each order gives +1 / 0 / -1; a sum >= 1 wins, <= -1 loses, 0 ties.
 
 A judgement whose first line does not hold two scores is counted as unparsed, never guessed; a request
 that failed at the endpoint is counted as failed; a prompt with an unparsed or failed order is left out of
@@ -15,7 +18,10 @@ the rates and counted as invalid.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import JudgeConfig
 
 # The pairwise prompt of the Vicuna evaluation, as used by Long Is More: two scores on the first line.
 PAIR_PROMPT = (
@@ -129,3 +135,23 @@ def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[di
         "order_disagreement_rate": rate(disagree),
     }
     return verdicts, summary
+
+
+# ------------------------------------------------------------------------------------------ the JUDGES entry's parts
+
+
+def requests_for(questions: list[dict], target: dict[str, str], baseline: dict[str, str],
+                 j: JudgeConfig) -> list[dict]:
+    """:func:`build_requests` as the judge section says (``judge.format_example``)."""
+    return build_requests(questions, target, baseline, j.format_example)
+
+
+def score_for(requests: list[dict], outputs: list[dict], j: JudgeConfig) -> tuple[list[dict], dict[str, Any]]:
+    """:func:`score` by the judge section's rule (``judge.rule``)."""
+    return score(requests, outputs, j.rule)
+
+
+def describe(j: dict[str, Any]) -> str:
+    """How the judge section (a dict, as the report reads it) judges, for the report's intro."""
+    shot = " with a format example" if j.get("format_example") else ""
+    return f"both orders, aggregation rule **{j['rule']}**{shot}"

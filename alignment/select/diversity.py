@@ -1,4 +1,5 @@
-"""Deita's repr filter: score-first, diversity-aware selection (REFERENCE.md section 1).
+"""Deita's repr filter: score-first, diversity-aware selection (Liu et al. 2024, "What Makes Good Data for
+Alignment?").
 
 Definition (batch-1 semantics): rows in score order (descending, ties by id); keep the first; keep each next
 row whose cosine similarity to every kept row is <= tau; stop at k rows.

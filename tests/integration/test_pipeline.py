@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES, tiny_experiment, write_config
 
 from alignment import pipeline
 from alignment.config import load_config
-from conftest import EXAMPLES, tiny_experiment, write_config
-
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +22,7 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     cfg = load_config(write_config(tmp_path, tiny_experiment(tmp_path, tiny_model)))
     run = Path(cfg.run_dir)
 
-    point = pipeline.run_point(cfg, 8, 2)
+    point = pipeline.run_point(cfg.at({"k": 8, "sft_step": 2, "method": "dpo", "num_pairs": 8}))
     assert point["prompts"] == 4 and point["judgements"] == 8
     assert point["valid"] + point["invalid"] == 4
     assert point["win"] + point["tie"] + point["loss"] == point["valid"]
@@ -81,7 +80,7 @@ def test_checkpoints_on_cloud_storage_are_where_every_later_stage_loads_them(ray
     exp["resources"]["storage_path"] = uri
     cfg = load_config(write_config(tmp_path, exp))
     run = Path(cfg.run_dir)
-    point = pipeline.run_point(cfg, 8, 2)
+    point = pipeline.run_point(cfg.at({"k": 8, "sft_step": 2, "method": "dpo", "num_pairs": 8}))
     assert point["prompts"] == 2 and "error" not in point
     (sft,) = manifests(run, "sft")
     (pref,) = manifests(run, "pref")

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import tiny_experiment
+from conftest import stop_head, tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -74,29 +73,3 @@ def test_ray_job_submit_runs_the_experiment(tmp_path, tiny_model):
     finally:
         stop_head(temp)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def stop_head(temp: Path) -> None:
-    """Stop only the head this test started: the processes whose command lines name its temp dir, and all
-    their descendants (Ray renames workers and agents, e.g. ``ray::DashboardAgent``). `ray stop` would
-    also stop the test session's own local Ray."""
-    import psutil
-
-    procs = set()
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(str(temp) in part for part in (p.info["cmdline"] or [])):
-                procs.add(p)
-                procs.update(p.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    procs = list(procs)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        p.kill()
-    time.sleep(1)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from alignment import formats
-from alignment.select import dedup
-from alignment.select import stage as select
 from conftest import shared, write_jsonl
+
+from alignment import formats, select
+from alignment.config import SelectConfig
+from alignment.select import dedup, stage
 
 
 def test_prompt_response_and_trl_prompt_completion_rows():
@@ -97,11 +98,11 @@ def _pool_with_duplicates_and_an_over_long_row(tmp_path):
 
 def test_select_dedup_and_over_long_rows_are_set_aside(ray_local, tmp_path, tiny_model):
     src = _pool_with_duplicates_and_an_over_long_row(tmp_path)
-    s = select.spec(length_unit="words", tokenizer=str(tiny_model), max_tokens=2000,
-                    dedup={"mode": "near", "threshold": 0.7, "ngram": 3})
+    s = SelectConfig(k=5, length_unit="words", max_tokens=2000, dedup={"mode": "near", "threshold": 0.7, "ngram": 3})
     out = tmp_path / "out"
     out.mkdir()
-    res = select.run_select([str(src)], "auto", 5, s, out)
+    res = select.run_select(s, select.Resolved(files=(str(src),), format="auto", seed=0, tokenizer=str(tiny_model)),
+                            out)
     c = res["counts"]
     assert (c["rows_read"], c["rows_duplicate"], c["rows_invalid"]) == (23, 2, 1)
     assert c["dedup"]["exact"] == 1 and c["dedup"]["near"] == 1
@@ -123,15 +124,16 @@ def test_with_dedup_the_length_check_runs_once(ray_local, tmp_path, tiny_model):
     # The dedup pass finds the over-long rows (they take no part in dedup); the scoring pass marks them from
     # its list instead of templating and tokenizing every row again (a bad tokenizer path proves it is unused).
     src = str(_pool_with_duplicates_and_an_over_long_row(tmp_path))
-    s = select.spec(length_unit="words", tokenizer=str(tiny_model), max_tokens=2000, dedup={"mode": "exact"})
+    s = SelectConfig(length_unit="words", max_tokens=2000, dedup={"mode": "exact"})
+    resolved = select.Resolved(files=(src,), format="auto", seed=0, tokenizer=str(tiny_model))
     shards = formats.plan_shards([src])
-    tasks = select.read_tasks(shards)
-    skip, records, counts, over_long = select._dedup(shards, [src], "auto", s, 1024, tasks)
+    tasks = stage.read_tasks(shards)
+    skip, records, counts, over_long = stage._dedup(shards, [src], s, resolved, tasks)
     assert [r["id"] for r in records] == ["exact-copy"] and skip == {src: {20}}
     assert list(over_long) == [src] and list(over_long[src]) == [22]
     assert over_long[src][22].startswith("over-long: ") and "> select.max_tokens=2000" in over_long[src][22]
-    ds = select._rows(shards, "auto", {**s, "tokenizer": str(tmp_path / "no-such-tokenizer")}, tasks, skip,
-                      over_long).materialize()
+    ds = stage._rows(shards, s, replace(resolved, tokenizer=str(tmp_path / "no-such-tokenizer")), tasks, skip,
+                     over_long).materialize()
     assert "check_length_batch" not in ds.stats() and "mark_over_long_batch" in ds.stats()
     rows = {r["id"]: r for r in ds.to_pandas().to_dict("records")}
     assert len(rows) == 22 and "exact-copy" not in rows
@@ -183,9 +185,9 @@ def test_kmeans_selector_samples_evenly_across_clusters(ray_local, tmp_path, tin
     for run in range(2):
         out = tmp_path / f"out{run}"
         out.mkdir()
-        res = select.run_select([str(src)], "auto", 6, select.spec(length_unit="words", selector="kmeans", clusters=3,
-                                                                    embedding={"kind": "mean", "model": str(tiny_model)}),
-                                out)
+        s = SelectConfig(k=6, length_unit="words", selector="kmeans", clusters=3, embedding={"kind": "mean"})
+        res = select.run_select(s, select.Resolved(files=(str(src),), format="auto", seed=0,
+                                                   embedding_model=str(tiny_model)), out)
         t = pq.read_table(out / "selected.parquet")
         picks.append(t["id"].to_pylist())
         km = res["counts"]["kmeans"]

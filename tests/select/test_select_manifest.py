@@ -7,11 +7,14 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from alignment import formats, manifest
-from alignment.select import embed, scoring
-from alignment.select import stage as select
 from conftest import shared, write_jsonl
+
+from alignment import formats, manifest, select
+from alignment.config import SelectConfig
+from alignment.select import embed, stage
+from alignment.select.scorers import add_scorers
+from alignment.select.scorers.length import length_scores
+from alignment.select.selectors import TopK
 
 
 def conv(*turns: str) -> list[dict]:
@@ -23,17 +26,17 @@ def test_length_counts_every_assistant_turn(tiny_model):
     from transformers import AutoTokenizer
 
     rows = [conv("q", "one two three"), conv("q", "four five", "more?", "six seven eight nine")]
-    assert scoring.length_scores(rows, "chars") == [13, 9 + 20]
-    assert scoring.length_scores(rows, "words") == [3, 6]
+    assert length_scores(rows, "chars") == [13, 9 + 20]
+    assert length_scores(rows, "words") == [3, 6]
     tok = AutoTokenizer.from_pretrained(tiny_model)
     expected = [len(tok("one two three", add_special_tokens=False)["input_ids"]),
                 len(tok("four five", add_special_tokens=False)["input_ids"])
                 + len(tok("six seven eight nine", add_special_tokens=False)["input_ids"])]
-    assert scoring.length_scores(rows, "tokens", tok) == expected
+    assert length_scores(rows, "tokens", tok) == expected
 
 
 def test_topk_is_streamed_and_breaks_ties_by_id():
-    top = select.TopK(3)
+    top = TopK(3)
     batches = [
         [{"id": "b", "source": "f", "row": 0, "score": 5.0}, {"id": "z", "source": "f", "row": 1, "score": 1.0}],
         [{"id": "a", "source": "f", "row": 2, "score": 5.0}, {"id": "c", "source": "f", "row": 3, "score": 7.0}],
@@ -52,8 +55,9 @@ def test_select_on_local_ray_with_real_data(ray_local, tmp_path, tiny_model):
     sources = [str(shared("sft", "lima_1k.json")), str(bad)]
     out1, out2 = tmp_path / "one", tmp_path / "two"
     out1.mkdir(), out2.mkdir()
-    r1 = select.run_select(sources, "auto", 25, select.spec(length_unit="words"), out1)
-    r2 = select.run_select(sources, "auto", 25, select.spec(length_unit="words"), out2)
+    s, resolved = SelectConfig(k=25, length_unit="words"), select.Resolved(files=tuple(sources), format="auto", seed=0)
+    r1 = select.run_select(s, resolved, out1)
+    r2 = select.run_select(s, resolved, out2)
     c = r1["counts"]
     assert (c["rows_read"], c["rows_kept"], c["rows_set_aside"], c["rows_selected"]) == (1003, 1001, 2, 25)
     assert c["rows_read"] == c["rows_kept"] + c["rows_set_aside"]
@@ -80,10 +84,12 @@ def test_scorers_run_inside_the_read_tasks_one_shard_each(ray_local, tmp_path):
     # shards are not bundled into one task (which a scorer batch size had done: no parallelism at all).
     paths = [str(write_jsonl(tmp_path / f"part-{j}.jsonl", [{"instruction": f"q{j}-{i}", "output": "a " * i}
                                                              for i in range(1, 40)])) for j in range(3)]
-    spec = select.spec(length_unit="words", scorers=["length", "random"])
+    s = SelectConfig(length_unit="words", scorers=["length", "random"])
+    resolved = select.Resolved(files=tuple(paths), format="auto", seed=0)
     shards = formats.plan_shards(paths)
-    tasks = select.read_tasks(shards)
-    ds = select.add_scorers(select._rows(shards, "auto", spec, tasks), spec, 1024, tasks).materialize()
+    tasks = stage.read_tasks(shards)
+    ds = add_scorers(stage._rows(shards, s, resolved, tasks), s, resolved, tasks,
+                     list(stage.ROWS_SCHEMA.names)).materialize()
     stats = ds.stats()
     fused = "MapBatches(read_batch)->MapBatches(score_length_batch)->MapBatches(score_random_batch)"
     assert f"{fused}: 3 tasks executed" in stats, stats
@@ -93,9 +99,10 @@ def test_scorers_run_inside_the_read_tasks_one_shard_each(ray_local, tmp_path):
 
 def test_k_larger_than_the_pool_is_a_clear_error(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "small.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+    resolved = select.Resolved(files=(str(src),), format="auto", seed=0)
     with pytest.raises(select.SelectError, match=r"select.k=5 is larger than the pool: 3 valid, scored rows"):
-        select.run_select([str(src)], "auto", 5, select.spec(length_unit="chars"), tmp_path)
-    r = select.run_select([str(src)], "auto", 5, select.spec(length_unit="chars"), tmp_path, allow_fewer=True)
+        select.run_select(SelectConfig(k=5, length_unit="chars"), resolved, tmp_path)
+    r = select.run_select(SelectConfig(k=5, length_unit="chars", allow_fewer=True), resolved, tmp_path)
     assert r["counts"]["rows_selected"] == 3
 
 
@@ -153,8 +160,9 @@ def test_repr_filter_selector_on_local_ray_matches_the_rule(ray_local, tmp_path)
     src = write_jsonl(tmp_path / "pool.jsonl", rows + dups)
     emb = {"model": "all-minilm-l6-v2", "batch_size": 16, "num_actors": 1, "cpus_per_actor": 1.0,
            "gpus_per_actor": 0.0}
-    r = select.run_select([str(src)], "auto", 15, select.spec(length_unit="words", selector="repr_filter", tau=0.9,
-                                                              embedding=emb), tmp_path, batch_size=8)
+    s = SelectConfig(k=15, length_unit="words", selector="repr_filter", tau=0.9, embedding=emb, batch_size=8)
+    r = select.run_select(s, select.Resolved(files=(str(src),), format="auto", seed=0,
+                                             embedding_model="all-minilm-l6-v2"), tmp_path)
     got = pq.read_table(r["outputs"]["selected"])
     assert got.num_rows == 15 and got["rank"].to_pylist() == list(range(1, 16))
     assert got.schema.field("embedding").type.list_size == 384

@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train/fsdp_worker.py SPEC.json
 
 Builds the stage's trainer with ``alignment.train.build_trainer`` and, when there is more than one rank, the
-FSDP2 arguments a GPU worker gets (``alignment.train._device_args``), on CPU, in float32 (or, with ``as_gpu``,
+FSDP2 arguments a GPU worker gets (``alignment.train.trainer._device_args``), on CPU, in float32 (or, with ``as_gpu``,
 in a GPU worker's dtypes: bf16 autocast, a LoRA base in bf16). accelerate enables
 FSDP only on GPU backends (on CPU it silently runs DDP: ../shared/docs/STACK_NOTES.md); this process lifts that
 gate for itself, so that the multi-rank logic of the FSDP2 path (every decoder layer and the root sharded, the
@@ -11,9 +11,9 @@ reference model of DPO, the collective full-state-dict save) runs over gloo on a
 alignment package itself never does this: on CPU workers it runs DDP and says so.
 
 SPEC: {method, rows, model, settings, out, eval_rows, save_at (steps), resume (a checkpoint to resume from),
-as_gpu, strategy ("fsdp", the default, or "ddp": the CPU workers' own DDP, nothing lifted)}. Rank 0 writes ``<out>/result.json``: the run facts, the per-step
-losses, the steps this process ran, the parameters' placements and the elements this rank holds; every rank joins the save of
-``<out>/final``.
+as_gpu, strategy ("fsdp", the default, or "ddp": the CPU workers' own DDP, nothing lifted)}. Rank 0 writes
+``<out>/result.json``: the run facts, the per-step losses, the steps this process ran, the parameters' placements
+and the elements this rank holds; every rank joins the save of ``<out>/final``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def save_at(steps: list[int], ran: list[int], evaluate: bool):
 def main() -> None:
     from torch.distributed.tensor import DTensor
 
-    from alignment.train import fit as train
+    from alignment import train
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])
@@ -67,17 +67,17 @@ def main() -> None:
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     as_gpu = spec.get("as_gpu", False)
     fsdp = ranks > 1 and spec.get("strategy", "fsdp") == "fsdp"
-    gpu_args = train._device_args({**settings, "use_gpu": True, "strategy": "fsdp" if fsdp else "auto"})
+    gpu_args = train.trainer._device_args({**settings, "use_gpu": True, "strategy": "fsdp" if fsdp else "auto"})
     if fsdp:
         lift_accelerate_gpu_gate()
         assert gpu_args["fsdp_config"]["version"] == 2, gpu_args
     if fsdp or as_gpu:
         # On the CPU; in float32 unless ``as_gpu``: then bf16 autocast and a LoRA base loaded in bf16, as on GPU.
         args = {**gpu_args, "use_cpu": True, **({} if as_gpu else {"bf16": False})}
-        train._device_args = lambda s: args
+        train.trainer._device_args = lambda s: args
     if as_gpu:
-        load = train._load_model
-        train._load_model = lambda path, use_gpu, lora=False: load(path, True, lora)
+        load = train.trainer._load_model
+        train.trainer._load_model = lambda path, use_gpu, lora=False: load(path, True, lora)
     trainer = train.build_trainer(spec["method"], spec["rows"], spec["model"], settings, str(out),
                                   eval_rows=spec.get("eval_rows"))
     ran: list[int] = []

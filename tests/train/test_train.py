@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from alignment.train import fit as train
-from alignment.config import METHOD_PARAMS, ConfigError, load_config
 from conftest import SETTINGS
+
+from alignment import train
+from alignment.config import ConfigError, load_config
+from alignment.methods import METHODS
 
 SFT = {**SETTINGS, "max_steps": 12, "assistant_only_loss": True, "packing": False}
 
@@ -36,7 +37,8 @@ def test_sft_masks_everything_but_assistant_tokens_and_learns(tiny_model, sft_ro
     assert len(loss) == 12 and loss[-1] < loss[0] * 0.8
     logged = [h for h in trainer.state.log_history if "loss" in h]
     # tokens/s per logging step, from the real (unpadded) tokens fed to the model
-    assert all(h.get("tokens_per_second", 0) > 0 for h in logged), [(h["step"], h.get("tokens_per_second")) for h in logged]
+    assert all(h.get("tokens_per_second", 0) > 0 for h in logged), [(h["step"], h.get("tokens_per_second"))
+                                                                     for h in logged]
     assert logged[-1]["tokens"] > 12 * 4 * 5  # 12 steps of 4 rows of at least 5 tokens each
     assert list((tmp_path / train.TB_DIR).rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
@@ -83,17 +85,17 @@ def test_lora_trains_adapters_only_and_its_checkpoint_loads_merged(tiny_model, s
 
 # Each method with its defaults, and DPO variants: another loss, precomputed reference log-probs, RPO (DPO plus
 # the NLL of chosen answers, weighted), WPO weighting with LD-DPO's length discount, f-DPO, TR-DPO.
-DPO = METHOD_PARAMS["dpo"]
-PARAMS = {**METHOD_PARAMS,
+DPO = METHODS["dpo"].params
+PARAMS = {**{name: m.params for name, m in METHODS.items()},
           "dpo-hinge": {**DPO, "loss_type": "hinge"},
           "dpo-precomputed": {**DPO, "precompute_ref_log_probs": True},
           "dpo-rpo": {**DPO, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
           "dpo-wpo": {**DPO, "use_weighting": True, "ld_alpha": 0.5},
           "dpo-fdpo": {**DPO, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
           "dpo-trdpo": {**DPO, "sync_ref_model": True, "ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 4},
-          "kto-apo": {**METHOD_PARAMS["kto"], "loss_type": "apo_zero_unpaired"},
-          "cpo-hinge": {**METHOD_PARAMS["cpo"], "loss_type": "hinge"},
-          "simpo-alphapo": {**METHOD_PARAMS["simpo"], "alphapo_alpha": 0.25}}
+          "kto-apo": {**METHODS["kto"].params, "loss_type": "apo_zero_unpaired"},
+          "cpo-hinge": {**METHODS["cpo"].params, "loss_type": "hinge"},
+          "simpo-alphapo": {**METHODS["simpo"].params, "alphapo_alpha": 0.25}}
 TRL_NAMES = {"gamma": "simpo_gamma", "lambda": "beta", "alphapo_alpha": "alpha"}  # the config's name -> TRL's
 
 
@@ -114,7 +116,8 @@ def test_each_preference_method_learns(tiny_model, pref_pairs, tmp_path, variant
     if method != "kto":  # paired methods log the chosen/rejected reward margin and accuracy
         assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]
         if method != "cpo":  # CPO's reward is the summed log-prob: the longer chosen answers start far behind
-            assert logs[-1]["rewards/accuracies"] >= 0.75, [(h["rewards/accuracies"], h["rewards/margins"]) for h in logs]
+            assert logs[-1]["rewards/accuracies"] >= 0.75, [(h["rewards/accuracies"], h["rewards/margins"])
+                                                            for h in logs]
     else:
         assert "rewards/chosen" in logs[-1] and "kl" in logs[-1]
 
@@ -165,12 +168,13 @@ def test_gpu_workers_keep_float32_weights_and_attention_off_cudnn(tiny_model, mo
     before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(True)
     try:
-        train._load_model(str(tiny_model), use_gpu=False)
+        train.trainer._load_model(str(tiny_model), use_gpu=False)
         assert torch.backends.cuda.cudnn_sdp_enabled()
-        model = train._load_model(str(tiny_model), use_gpu=True)
+        model = train.trainer._load_model(str(tiny_model), use_gpu=True)
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert next(model.parameters()).dtype == torch.float32
-        assert next(train._load_model(str(tiny_model), use_gpu=True, lora=True).parameters()).dtype == torch.bfloat16
+        lora_base = train.trainer._load_model(str(tiny_model), use_gpu=True, lora=True)
+        assert next(lora_base.parameters()).dtype == torch.bfloat16
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
@@ -189,7 +193,8 @@ def test_subsets_are_seeded_nested_and_disjoint_from_the_eval_rows():
 
 @pytest.mark.parametrize("override,message", [
     ("pref.gamma=0.5", "pref.gamma does not apply to method dpo; it is a parameter of simpo"),
-    ("pref.loss_type=hinge pref.method=ipo", "pref.loss_type does not apply to method ipo; it is a parameter of dpo, kto, cpo"),
+    ("pref.loss_type=hinge pref.method=ipo",
+     "pref.loss_type does not apply to method ipo; it is a parameter of dpo, kto, cpo"),
     ("pref.lambda=0.2 pref.method=simpo", "pref.lambda does not apply to method simpo; it is a parameter of orpo"),
     ("pref.desirable_weight=2 search.method=[dpo,cpo]", "does not apply to method dpo / cpo; it is a parameter of kto"),
     ("resources.strategy=fsdp", "fsdp needs GPU workers"),
@@ -228,6 +233,22 @@ def test_method_params_take_the_methods_defaults():
     assert load_config(None, ["pref.method=orpo", "pref.lambda=0.3"]).pref.method_params() == {"lambda": 0.3}
     grid = load_config(None, ["search.method=[dpo,kto]", "search.num_pairs=[4,8]", "pref.beta=0.2"]).search_grid()
     assert [(p["method"], p["num_pairs"]) for p in grid] == [("dpo", 4), ("dpo", 8), ("kto", 4), ("kto", 8)]
+
+
+def test_a_search_point_is_a_validated_copy_of_the_config(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("run_dir: runs/x\nsft: {save_at: [2, 4], max_steps: 4}\nsearch: {k: [8, 16], sft_step: [2, 4], "
+                    "method: [dpo, kto]}\npref: {beta: 0.2}\n")
+    cfg = load_config(path)
+    point = cfg.search_grid()[-1]
+    at = cfg.at(point)
+    assert point == {"k": 16, "sft_step": 4, "method": "kto", "num_pairs": None}
+    assert (at.select.k, at.pref.sft_step, at.pref.method, at.pref.num_pairs) == (16, 4, "kto", None)
+    assert (cfg.select.k, cfg.pref.sft_step, cfg.pref.method) == (1000, "last", "dpo")  # a copy
+    assert at.source == str(path) and at.run_dir == cfg.run_dir == str(Path("runs/x").resolve())
+    assert at.pref.method_params()["beta"] == 0.2
+    with pytest.raises(ConfigError, match=r"(?s)at the search point .*pref.sft_step: SFT step 3 is never saved"):
+        cfg.at({**point, "sft_step": 3})
 
 
 # ------------------------------------------------------------------------------------------ on local Ray
@@ -269,7 +290,7 @@ def test_fsdp2_across_two_ranks_shards_saves_and_matches_one_process(tiny_model,
     import torch
     from transformers import AutoModelForCausalLM
 
-    rows, settings = (sft_rows, SFT) if method == "sft" else (pref_pairs, {**SETTINGS, "params": METHOD_PARAMS["dpo"]})
+    rows, settings = (sft_rows, SFT) if method == "sft" else (pref_pairs, {**SETTINGS, "params": METHODS["dpo"].params})
     spec = {"method": method, "rows": rows[4:], "eval_rows": rows[:4], "model": str(tiny_model), "save_at": [4]}
     one = _fsdp_worker(tmp_path, "one", {**spec, "settings": {**settings, "per_device_batch_size": 4}}, 1)
     two = _fsdp_worker(tmp_path, "two", {**spec, "settings": {**settings, "per_device_batch_size": 2}}, 2)
@@ -345,13 +366,13 @@ def test_precomputed_reference_log_probs_on_two_ranks_train_as_the_live_referenc
     workers) every rank gets the reference log-probs of every row, and training follows the same two ranks with
     the live reference model, step for step and at the evaluated checkpoint. TRL alone had rank 0 write them
     to a file in its own temporary directory, which the other rank failed to open (FileNotFoundError)."""
-    params = METHOD_PARAMS[method]
+    params = METHODS[method].params
     spec = {"method": method, "rows": pref_pairs[4:], "eval_rows": pref_pairs[:4], "model": str(tiny_model),
             "save_at": [3], "strategy": strategy,
             "settings": {**SETTINGS, "max_steps": 6, "per_device_batch_size": 2, "params": params}}
     live = _fsdp_worker(tmp_path, "live", spec, 2)
-    pre = _fsdp_worker(tmp_path, "pre", {**spec, "settings": {**spec["settings"],
-                                                              "params": {**params, "precompute_ref_log_probs": True}}}, 2)
+    precomputed = {**spec["settings"], "params": {**params, "precompute_ref_log_probs": True}}
+    pre = _fsdp_worker(tmp_path, "pre", {**spec, "settings": precomputed}, 2)
     assert {k: pre["facts"][k] for k in ("strategy", "world_size")} == \
         {"strategy": {"ddp": "ddp", "fsdp": "fsdp2"}[strategy], "world_size": 2}
     assert len(pre["losses"]) == 6 and len(pre["eval_losses"]) == 1

@@ -8,14 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import SETTINGS, shared
 
-from alignment import formats, models, pipeline
-from alignment.train import fit as train
-from alignment.config import METHOD_PARAMS, load_config
+from alignment import formats, models, pipeline, train
+from alignment.config import load_config
 from alignment.manifest import run_stage
-
-from conftest import shared
-from conftest import SETTINGS
+from alignment.methods import METHODS
 
 HH = ("preferences", "hh_rlhf_harmless_base_test.jsonl.gz")
 
@@ -54,7 +52,7 @@ def test_the_rows_kept_are_the_rows_trl_trains_on(tiny_model, hh_pairs, tmp_path
     tok = models.tokenizer(str(tiny_model))
     kept, aside = train.trainable_rows("dpo", hh_pairs, tok, 256)
     assert kept and aside and len(kept) + len(aside) == len(hh_pairs)
-    dpo_settings = {**SETTINGS, "max_length": 256, "params": METHOD_PARAMS["dpo"]}
+    dpo_settings = {**SETTINGS, "max_length": 256, "params": METHODS["dpo"].params}
     dpo = train.build_trainer("dpo", kept, str(tiny_model), dpo_settings, str(tmp_path / "d"))
     assert len(dpo.train_dataset) == len(kept)
     kept, _ = train.trainable_rows("simpo", hh_pairs, tok, 256)
@@ -64,7 +62,7 @@ def test_the_rows_kept_are_the_rows_trl_trains_on(tiny_model, hh_pairs, tmp_path
 
 
 SIMPO = {**SETTINGS, "max_steps": 4, "learning_rate": 1e-3, "max_length": 128,
-         "params": METHOD_PARAMS["simpo"]}
+         "params": METHODS["simpo"].params}
 
 
 def test_a_non_finite_loss_stops_training_at_that_step_and_is_logged_as_nan(tiny_model, hh_pairs, tmp_path):
@@ -90,7 +88,7 @@ def test_a_non_finite_loss_stops_training_at_that_step_and_is_logged_as_nan(tiny
 def test_the_same_rows_set_aside_first_train_with_finite_values(tiny_model, hh_pairs, tmp_path):
     tok = models.tokenizer(str(tiny_model))
     kept, _ = train.trainable_rows("orpo", hh_pairs, tok, 256)
-    orpo = {**SIMPO, "max_length": 256, "params": METHOD_PARAMS["orpo"]}
+    orpo = {**SIMPO, "max_length": 256, "params": METHODS["orpo"].params}
     trainer = train.build_trainer("orpo", kept, str(tiny_model), orpo, str(tmp_path))
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
@@ -111,11 +109,11 @@ def test_non_finite_weights_never_reach_training_or_generation(tiny_model, tmp_p
     with pytest.raises(models.ModelError, match="non-finite weights .* model.layers.1.mlp.down_proj.weight"):
         models.load_for_generation(str(bad), use_gpu=False)
     with pytest.raises(models.ModelError, match="non-finite weights"):
-        train._load_model(str(bad), use_gpu=False)
+        train.trainer._load_model(str(bad), use_gpu=False)
     # A checkpoint is checked before it is reported: every rank raises if any rank holds a non-finite weight.
     with pytest.raises(train.NonFiniteError, match="non-finite weights at step 3"):
-        train._check_saved_weights("sft", 3, model, [])
-    train._check_saved_weights("sft", 3, AutoModelForCausalLM.from_pretrained(tiny_model), [])
+        train.callbacks.check_saved_weights("sft", 3, model, [])
+    train.callbacks.check_saved_weights("sft", 3, AutoModelForCausalLM.from_pretrained(tiny_model), [])
 
 
 def test_too_few_rows_for_one_step_is_an_error_before_any_worker_starts():
@@ -149,7 +147,7 @@ def test_pref_stage_sets_rows_aside_and_a_nan_run_fails_with_its_log(ray_local, 
     # Rows that bypass the check (train.fit directly) make SimPO's loss NaN: the workers stop at step 1 and the
     # driver gets the project's error, not Ray Train's wrapping; the stage's log keeps the NaN.
     res = pipeline._resources(cfg)
-    settings = train.train_settings(pipeline.config_dict(cfg.pref), cfg.seed, "simpo", cfg.pref.method_params())
+    settings = train.train_settings(cfg.pref, cfg.seed, "simpo")
     settings["max_length"] = 128
 
     def work(d: Path) -> dict:  # a checkpoint is due at the NaN step itself (step 1): it must not be written
@@ -167,14 +165,14 @@ def test_pref_stage_sets_rows_aside_and_a_nan_run_fails_with_its_log(ray_local, 
 
 @pytest.mark.integration
 def test_a_search_records_a_failed_trial_with_its_reason_and_goes_on(ray_local, tiny_model, tmp_path):
-    from alignment import search
-
     from conftest import tiny_experiment, write_config
+
+    from alignment import search
 
     cfg = load_config(write_config(tmp_path, tiny_experiment(tmp_path, tiny_model)))
 
-    def trial(cfg, k, sft_step, method, num_pairs):
-        if sft_step == 2:
+    def trial(cfg):
+        if cfg.pref.sft_step == 2:
             raise pipeline.PipelineError("simpo: non-finite loss=nan at step 1 of 2; training stopped there")
         return {"metric": 0.5, "win_rate": 0.5}
 

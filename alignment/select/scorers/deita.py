@@ -1,31 +1,32 @@
-"""Row scorers for selection: response length, seeded random, Deita's complexity and quality, an LLM's 1-5 rating.
+"""The ``deita`` scorer: Deita's complexity and quality scorers exactly as published (Liu et al. 2024, "What
+Makes Good Data for Alignment? A Comprehensive Study of Automatic Data Selection in Instruction Tuning").
 
-Plain functions and classes over lists of conversations (``[{"role", "content"}]``); the select stage runs them
-as Ray Data stages. A row that cannot be scored gets a null score and a reason, never a default
-(Deita's reference code returns 3.0 on any failure, which silently corrupts rankings).
-
-Deita (REFERENCE.md section 1): the score is the expected value of the next-token distribution restricted
-to the tokens "1".."6", whose ids are looked up from the scorer's tokenizer. The fast path runs one forward
-pass per batch (right padding, the last real token's hidden state, the output head restricted to the six
-rows); :func:`reference_expected_score` is the reference's way (a two-token ``generate`` per prompt), kept for
-parity tests and the benchmark.
+The score is the expected value of the next-token distribution restricted to the tokens "1".."6", whose ids are
+looked up from the scorer's tokenizer; per turn, complexity scores the user turn and quality the (user,
+assistant) pair; the evol score is ``sum_t c_t * q_t``. The fast path runs one forward pass per batch (right
+padding, the last real token's hidden state, the output head restricted to the six rows);
+:func:`reference_expected_score` is the paper's code's way (a two-token ``generate`` per prompt), kept for parity
+tests and benchmark (c). A row that cannot be scored gets a null score and a reason, never a default: the
+paper's code returns 3.0 on any failure, which silently corrupts rankings. :class:`DeitaScorer` is the Ray Data
+actor (transformers); ``deita_vllm`` the vLLM backend.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import copy
 import inspect
-import os
-import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from ..errors import InputError
+from ...ray_env import actor_pool, actor_threads
+from ..rows import ScorerError, merge_errors, scatter, valid
 
+if TYPE_CHECKING:
+    from ...config import DeitaConfig, SelectConfig
+    from . import Context
 
 COMPLEXITY_PROMPT = (
     "You are a helpful assistant. Please identify the complexity score of the following user query. \n"
@@ -36,104 +37,6 @@ QUALITY_PROMPT = (
     "Question. \n #Question#:\n{instruction}\n#Response#:\n{output} \n##Quality: "
 )
 SCORE_TOKENS = ("1", "2", "3", "4", "5", "6")
-
-# The quality baseline of Long Is More: an LLM rates each example on a 1-5 Likert scale. This wording is ours;
-# select.rating.prompt replaces it ({instruction} and {response} are filled in).
-RATING_PROMPT = (
-    "Rate the quality of the assistant's response to the instruction on a scale from 1 (very poor) to 5 "
-    "(excellent), considering helpfulness, accuracy, relevance and level of detail.\n\n"
-    "[Instruction]\n{instruction}\n\n[Response]\n{response}\n\n"
-    "Reply with the rating only, a single digit from 1 to 5."
-)
-
-
-class ScorerError(InputError, ValueError):
-    """A scorer that cannot be used at all (as opposed to a row that cannot be scored)."""
-
-
-# ------------------------------------------------------------------------------------------ length, random
-
-
-MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-
-
-def length_scores(messages: Sequence[list[dict]], unit: str, tokenizer: Any = None) -> list[int]:
-    """Length of all assistant turns of each conversation, in chars, words or tokens (Long Is More)."""
-    return [int(x) for x in assistant_lengths(pa.array(list(messages), MESSAGES_TYPE), unit, tokenizer)]
-
-
-TOKENIZE_CHUNK = 1024  # texts per call of the Rust tokenizer
-
-
-@contextlib.contextmanager
-def _tokenizer_threads():
-    """The Rust tokenizer's own threads for one call, even where TOKENIZERS_PARALLELISM=false (our Ray
-    workers' default, against fork-after-threads deadlocks in training); restored afterwards. For a caller
-    alone on its machine (the bare run of benchmark (a): about twice one thread's rate on 2 cores); the select
-    stage's read tasks, one per CPU, go without."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-def token_counts(texts: list[str], tokenizer: Any, threads: bool = True) -> list[int]:
-    """Tokens per text, no special tokens added. A fast tokenizer's Rust ``encode_batch_fast`` directly (no
-    offsets, no Python-side wrapping: the same ids, twice as fast as ``tokenizer(texts)``), in chunks: one
-    call over a whole 31k-row shard ran at 5.6k rows/s on one core, 1,024 texts a call at 8.3k. Its own
-    threads unless ``threads`` is False (for callers that already run one process per core)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not texts:
-        return []
-    if backend is None or not hasattr(backend, "encode_batch_fast"):
-        return [len(x) for x in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
-    with _tokenizer_threads() if threads else contextlib.nullcontext():
-        return [len(e) for s in range(0, len(texts), TOKENIZE_CHUNK)
-                for e in backend.encode_batch_fast(texts[s:s + TOKENIZE_CHUNK], add_special_tokens=False)]
-
-
-def assistant_lengths(messages: pa.Array | pa.ChunkedArray, unit: str, tokenizer: Any = None,
-                      threads: bool = True) -> np.ndarray:
-    """Length of all assistant turns per row of a messages column (0 for a null row), computed in Arrow:
-    chars are code points (Python's ``len``), words are ``str.split()``'s, tokens come from batched calls of
-    the tokenizer over every assistant turn, on the Rust tokenizer's own threads unless ``threads`` is False
-    (for callers that already run one process per core)."""
-    if isinstance(messages, pa.ChunkedArray):
-        messages = messages.combine_chunks() if messages.num_chunks else pa.array([], MESSAGES_TYPE)
-    n = len(messages)
-    flat = pc.list_flatten(messages)
-    parents = pc.list_parent_indices(messages).to_numpy()
-    assistant = pc.equal(pc.struct_field(flat, "role"), "assistant").to_numpy(zero_copy_only=False)
-    content = pc.filter(pc.struct_field(flat, "content"), pa.array(assistant))
-    parents = parents[assistant]
-    if unit == "chars":
-        per = pc.utf8_length(content).to_numpy(zero_copy_only=False)
-    elif unit == "words":  # Python's split beats Arrow's split/regex kernels here (measured: 222k vs 61-73k/s)
-        per = np.array([len(t.split()) for t in content.to_pylist()], dtype=np.int64)
-    elif unit == "tokens":
-        if tokenizer is None:
-            raise ScorerError("length in tokens needs a tokenizer")
-        per = np.array(token_counts(content.to_pylist(), tokenizer, threads), np.int64)
-    else:
-        raise ScorerError(f"unknown length unit {unit!r}")
-    return np.bincount(parents, weights=per, minlength=n).astype(np.int64)
-
-
-def random_scores(ids: Sequence[str], seed: int) -> list[float]:
-    """A uniform [0, 1) score per row id: the same for the same (seed, id), however the rows are batched."""
-    out = []
-    for i in ids:
-        h = hashlib.blake2b(f"{seed}\x00{i}".encode(), digest_size=8).digest()
-        out.append(int.from_bytes(h, "big") / 2**64)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- Deita
 
 
 def deita_turns(messages: list[dict]) -> list[tuple[str, str]]:
@@ -221,7 +124,7 @@ class CausalLMScorer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .. import models
+        from ... import models
 
         path = models.materialize(model_path)
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -272,8 +175,6 @@ class CausalLMScorer:
         return logits, reasons
 
     def _score_group(self, group: list[int], encoded: list[list[int]], logits: list, reasons: list) -> None:
-        import copy
-
         import torch
 
         group = sorted(group, key=lambda i: -len(encoded[i]))  # similar lengths together: less padding
@@ -299,8 +200,8 @@ class CausalLMScorer:
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(chunk))
-                kwargs = {self.cache_arg: cache, "use_cache": True,
-                          "position_ids": torch.arange(shared, shared + width, device=self.device).expand(len(chunk), -1)}
+                positions = torch.arange(shared, shared + width, device=self.device).expand(len(chunk), -1)
+                kwargs = {self.cache_arg: cache, "use_cache": True, "position_ids": positions}
             with torch.inference_mode():
                 hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                    **kwargs).last_hidden_state
@@ -431,28 +332,43 @@ def expected_score_from_logprobs(top: dict[Any, Any] | None, ids: Sequence[int])
     return float(expected_scores(np.array([[by_id[t] for t in ids]]))[0]), None
 
 
-# -------------------------------------------------------------------------------------------- LLM rating
+SCORE_LIST = pa.list_(pa.float64())
 
 
-def rating_prompt(messages: list[dict], template: str = RATING_PROMPT) -> str:
-    """The rating request for one conversation: the last assistant turn rated against what came before it."""
-    turns = [m for m in messages if m["role"] != "system"]
-    last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
-    before = turns[:last]
-    if len(before) == 1:
-        instruction = before[0]["content"]
-    else:
-        instruction = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in before)
-    return template.format(instruction=instruction, response=turns[last]["content"])
+class DeitaScorer:
+    """Ray Data actor: Deita's complexity and quality scorers (transformers), one forward pass per batch."""
+
+    def __init__(self, d: DeitaConfig, complexity_model: str, quality_model: str):
+        import torch
+
+        torch.set_num_threads(actor_threads(d))
+        device = "cuda" if d.gpus_per_actor > 0 else "cpu"
+        self.complexity = CausalLMScorer(complexity_model, d.max_length, d.batch_size, device, d.dtype,
+                                         batch_tokens=d.batch_tokens)
+        self.quality = (self.complexity if quality_model == complexity_model else
+                        CausalLMScorer(quality_model, d.max_length, d.batch_size, device, d.dtype,
+                                       batch_tokens=d.batch_tokens))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ok = valid(table)
+        msgs = [m for m, good in zip(table["messages"].to_pylist(), ok) if good]
+        res = scatter(deita_scores(msgs, self.complexity, self.quality), ok, {})
+        return merge_errors(
+            table.append_column("deita_complexity", pa.array([r.get("deita_complexity") for r in res], SCORE_LIST))
+            .append_column("deita_quality", pa.array([r.get("deita_quality") for r in res], SCORE_LIST))
+            .append_column("score_deita_evol", pa.array([r.get("score_deita_evol") for r in res], pa.float64())),
+            [r.get("error") for r in res],
+        )
 
 
-_RATING = re.compile(r"(?<![\d.])([1-5])(?![\d.])")
+def add(ds: Any, s: SelectConfig, ctx: Context) -> Any:
+    """Actors holding the two models (transformers), or two ``ray.data.llm`` passes (vllm)."""
+    d, r = s.deita, ctx.resolved
+    if d.backend == "vllm":
+        from . import deita_vllm
 
-
-def parse_rating(text: str) -> tuple[float | None, str | None]:
-    """The first standalone digit 1-5 of the first non-empty line; anything else is unparsed, never guessed."""
-    line = next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
-    m = _RATING.search(line)
-    if not m:
-        return None, f"unparsed rating: {line[:80]!r}"
-    return float(m.group(1)), None
+        return deita_vllm.add_deita_vllm(ds, d, r.complexity_model, r.quality_model, list(ctx.columns))
+    return ds.map_batches(
+        DeitaScorer, fn_constructor_kwargs={"d": d, "complexity_model": r.complexity_model,
+                                            "quality_model": r.quality_model},
+        batch_size=max(256, d.batch_size), batch_format="pyarrow", **actor_pool(d))

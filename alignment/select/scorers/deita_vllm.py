@@ -10,9 +10,13 @@ The pure parts (:func:`explode`, :func:`postprocess`, :func:`assemble`) run and 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import scoring
+from ..rows import ScorerError
+from .deita import deita_prompts, evol_score, expected_score_from_logprobs, score_token_ids
+
+if TYPE_CHECKING:
+    from ...config import DeitaConfig
 
 KEY = "_deita_key"
 SKIP = "\x00skip"  # a row that failed validation rides along as one tiny prompt and is not scored
@@ -33,7 +37,7 @@ def explode(row: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     if row.get("error") is not None:
         return [{**base, "_turn": 0, "_turns": 1, "_prompt": SKIP, "_fail": None}]
     try:
-        c, q = scoring.deita_prompts(row["messages"])
+        c, q = deita_prompts(row["messages"])
     except ValueError as e:
         return [{**base, "_turn": 0, "_turns": 1, "_prompt": SKIP, "_fail": f"deita: {e}"}]
     prompts = c if kind == "complexity" else q
@@ -47,7 +51,7 @@ def postprocess(row: dict[str, Any], ids: list[int], carry: list[str]) -> dict[s
         out.update(_score=None, _reason=row.get("_fail"))
         return out
     logprobs = row.get("logprobs") or []
-    score, reason = scoring.expected_score_from_logprobs(logprobs[0] if logprobs else None, ids)
+    score, reason = expected_score_from_logprobs(logprobs[0] if logprobs else None, ids)
     out.update(_score=score, _reason=reason)
     return out
 
@@ -76,7 +80,7 @@ def assemble(group: Any, kind: str) -> Any:
     row[f"deita_{kind}"] = scores
     if kind == "quality":
         c = row.get("deita_complexity")
-        row["score_deita_evol"] = scoring.evol_score(list(c), scores) if c is not None and scores is not None else None
+        row["score_deita_evol"] = evol_score(list(c), scores) if c is not None and scores is not None else None
     row["score_error"] = "; ".join(x for x in (row.get("score_error"), why) if isinstance(x, str) and x) or None
     return pd.DataFrame([row])
 
@@ -84,34 +88,33 @@ def assemble(group: Any, kind: str) -> Any:
 def _score_ids(model_path: str) -> list[int]:
     from transformers import AutoTokenizer
 
-    from .. import models
+    from ... import models
 
-    return scoring.score_token_ids(AutoTokenizer.from_pretrained(models.materialize(model_path)))
+    return score_token_ids(AutoTokenizer.from_pretrained(models.materialize(model_path)))
 
 
-def add_deita_vllm(ds: Any, d: dict[str, Any], columns: list[str]) -> Any:
+def add_deita_vllm(ds: Any, d: DeitaConfig, complexity_model: str, quality_model: str, columns: list[str]) -> Any:
     """Chain the two vLLM scoring passes onto a dataset of normalised rows with these ``columns``."""
     try:
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
         import vllm  # noqa: F401
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     except ImportError as e:
-        raise scoring.ScorerError("select.deita.backend=vllm needs the vllm extra: pip install 'alignment[vllm]'") from e
-    from .. import models
+        raise ScorerError("select.deita.backend=vllm needs the vllm extra: pip install 'alignment[vllm]'") from e
+    from ... import models
 
-    for kind, model in (("complexity", d["complexity_model"]), ("quality", d["quality_model"])):
+    for kind, model in (("complexity", complexity_model), ("quality", quality_model)):
         ids = _score_ids(model)
         carry = columns + [KEY, "_turn", "_turns", "_prompt", "_fail"]
         config = vLLMEngineProcessorConfig(
             model_source=models.engine_source(model),  # a cloud URI is fetched on each GPU node
-            engine_kwargs={"max_logprobs": d["logprobs"], "max_model_len": d["max_length"] + 8,
-                           **d["vllm_engine_kwargs"]},
-            concurrency=d["num_actors"], batch_size=d["batch_size"],
+            engine_kwargs={"max_logprobs": d.logprobs, "max_model_len": d.max_length + 8, **d.vllm_engine_kwargs},
+            concurrency=d.num_actors, batch_size=d.batch_size,
             chat_template_stage=False, should_continue_on_error=True,
         )
         processor = build_processor(
             config,
             preprocess=lambda r: {"prompt": r["_prompt"] if r["_prompt"] != SKIP else "1",
-                                  "sampling_params": {"temperature": 0.0, "max_tokens": 1, "logprobs": d["logprobs"]}},
+                                  "sampling_params": {"temperature": 0.0, "max_tokens": 1, "logprobs": d.logprobs}},
             postprocess=lambda r, ids=ids, carry=carry: postprocess(r, ids, carry),
         )
         ds = (processor(ds.flat_map(lambda r, kind=kind: explode(r, kind)))

@@ -1,0 +1,66 @@
+"""The judges: one entry per judging protocol, with what the judge stage, the search and the report need from it.
+
+The judge stage builds the requests with ``build`` (the questions, the target's and the baseline's answers by
+id, and the judge section), has the judge model answer them (a local model through ``generate``, or an
+OpenAI-compatible endpoint), and turns the answers, aligned with the requests, into per-item verdicts and a
+summary with ``score``. Every protocol keeps the same contract, which tests/evaluate/test_judges.py checks on
+every entry:
+
+- each request is ``{"id", "messages", ...}`` with a unique ``id``; each answer ``{"answer", "error"?}``;
+- a judgement that cannot be parsed, or that failed at the endpoint, is counted (``unparsed_judgements``,
+  ``failed_judgements``) and its item's verdict is ``invalid``, left out of every rate: never guessed;
+- the summary holds the ``COUNTS`` below and the entry's ``settings``, ``counts`` and ``metrics``.
+
+Adding a judge: its module here (``build`` and ``score`` functions), one entry in ``JUDGES``, and its name in
+``JudgeProtocol`` (config.py), whose Literal is written out for readable errors; the tests check the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import pairwise
+
+if TYPE_CHECKING:
+    from ..config import JudgeConfig
+
+# The counts every protocol's summary holds, and the judge stage's manifest counts.
+COUNTS = ("prompts", "valid", "invalid", "unparsed_judgements", "failed_judgements")
+
+
+@dataclass(frozen=True)
+class Judge:
+    """One judging protocol."""
+
+    # (questions, target answers by id, baseline answers by id, judge section) -> requests
+    build: Callable[[list[dict], dict[str, str], dict[str, str], JudgeConfig], list[dict]]
+    # (requests, judge outputs aligned with them, judge section) -> (per-item verdicts, summary)
+    score: Callable[[list[dict], list[dict], JudgeConfig], tuple[list[dict], dict[str, Any]]]
+    metrics: tuple[str, ...]  # the summary's numbers (None without a valid item): search.metric names one
+    counts: tuple[str, ...]  # the summary's counts, COUNTS among them
+    settings: tuple[str, ...]  # the summary's keys that name how the items were judged (e.g. the rule)
+    columns: tuple[tuple[str, str], ...]  # the report's table: (summary key, heading)
+    describe: Callable[[dict[str, Any]], str]  # the judge section (a dict) -> how it judges, for the report
+    note: str  # the report's line on what the rates are over
+
+
+JUDGES: dict[str, Judge] = {
+    "vicuna_pairwise": Judge(
+        build=pairwise.requests_for,
+        score=pairwise.score_for,
+        metrics=("win_rate", "tie_rate", "loss_rate", "score", "order_disagreement_rate"),
+        counts=("prompts", "valid", "win", "tie", "loss", "invalid", "judgements", "unparsed_judgements",
+                "failed_judgements"),
+        settings=("rule",),
+        columns=(("win", "win"), ("tie", "tie"), ("loss", "loss"), ("invalid", "invalid"), ("win_rate", "win rate"),
+                 ("score", "score"), ("order_disagreement_rate", "orders disagree")),
+        describe=pairwise.describe,
+        note="Rates are over valid prompts (both orders parsed); *invalid* counts prompts with an unparsed judgement.",
+    ),
+}
+
+# Every judge's metrics, and every key of a summary a search result keeps, in table order without repeats.
+METRICS = tuple(dict.fromkeys(m for j in JUDGES.values() for m in j.metrics))
+SUMMARY_KEYS = tuple(dict.fromkeys(k for j in JUDGES.values() for k in (*j.settings, *j.counts, *j.metrics)))

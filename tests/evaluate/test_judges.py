@@ -1,0 +1,140 @@
+"""The judges' table: the config's Literals agree with it, every entry keeps the contract (parses a well-formed
+judgement, refuses to guess), and the local judge generates with its own settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import get_args
+
+import pytest
+from conftest import write_jsonl
+
+from alignment import pipeline
+from alignment.config import ConfigError, ExperimentConfig, JudgeConfig, SearchConfig, load_config
+from alignment.evaluate import COUNTS, JUDGES, METRICS, SUMMARY_KEYS
+
+# One well-formed judge output per protocol: a new judge adds its own here (the first test checks).
+WELL_FORMED = {"vicuna_pairwise": "8 3\nAssistant 1 answers the question."}
+UNPARSABLE = "I cannot decide which answer is better."
+
+
+def test_the_protocol_literal_is_the_table():
+    assert set(get_args(JudgeConfig.model_fields["protocol"].annotation)) == set(JUDGES)
+    assert JudgeConfig().protocol in JUDGES
+    assert set(WELL_FORMED) == set(JUDGES)
+
+
+def test_every_search_metric_is_a_judge_metric():
+    assert set(get_args(SearchConfig.model_fields["metric"].annotation)) <= set(METRICS)
+    assert SearchConfig().metric in METRICS
+
+
+def questions(n: int = 3) -> tuple[list[dict], dict[str, str], dict[str, str]]:
+    qs = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(n)]
+    return qs, {q["id"]: f"target on {q['id']}" for q in qs}, {q["id"]: f"baseline on {q['id']}" for q in qs}
+
+
+@pytest.mark.parametrize("protocol", sorted(JUDGES))
+def test_a_judge_declares_what_its_summary_holds(protocol):
+    kind, j = JUDGES[protocol], JudgeConfig(protocol=protocol)
+    assert set(COUNTS) <= set(kind.counts) and {k for k, _ in kind.columns} <= set(SUMMARY_KEYS)
+    reqs = kind.build(*questions(), j)
+    ids = [r["id"] for r in reqs]
+    assert len(set(ids)) == len(ids) and all(r["messages"] for r in reqs)
+    _, summary = kind.score(reqs, [{"answer": WELL_FORMED[protocol]} for _ in reqs], j)
+    assert set(kind.settings) | set(kind.counts) | set(kind.metrics) <= set(summary)
+    assert isinstance(kind.describe(j.model_dump()), str) and kind.note
+
+
+@pytest.mark.parametrize("protocol", sorted(JUDGES))
+def test_a_judge_parses_a_well_formed_judgement(protocol):
+    kind, j = JUDGES[protocol], JudgeConfig(protocol=protocol)
+    reqs = kind.build(*questions(), j)
+    verdicts, s = kind.score(reqs, [{"answer": WELL_FORMED[protocol]} for _ in reqs], j)
+    assert len(verdicts) == s["prompts"] == 3 and all(v["verdict"] != "invalid" for v in verdicts)
+    assert (s["valid"], s["invalid"], s["unparsed_judgements"], s["failed_judgements"]) == (3, 0, 0, 0)
+    assert all(isinstance(s[m], float) for m in kind.metrics)
+
+
+@pytest.mark.parametrize("protocol", sorted(JUDGES))
+@pytest.mark.parametrize("bad", ["unparsed", "failed"])
+def test_a_judge_refuses_to_guess(protocol, bad):
+    """An unparsable or failed judgement is counted, and its item is invalid, left out of every rate: never a
+    win, a loss or a tie; the other items keep their verdicts."""
+    kind, j = JUDGES[protocol], JudgeConfig(protocol=protocol)
+    reqs = kind.build(*questions(), j)
+    wrong = {"answer": UNPARSABLE} if bad == "unparsed" else {"answer": "", "error": "URLError: refused"}
+    # Every judgement of q0 goes wrong, the others are well formed.
+    outs = [wrong if r["id"].startswith("q0") else {"answer": WELL_FORMED[protocol]} for r in reqs]
+    n_wrong = sum(r["id"].startswith("q0") for r in reqs)
+    verdicts, s = kind.score(reqs, outs, j)
+    assert [v["verdict"] == "invalid" for v in verdicts] == [True, False, False]
+    assert (s["valid"], s["invalid"]) == (2, 1)
+    assert (s["unparsed_judgements"], s["failed_judgements"]) == ((n_wrong, 0) if bad == "unparsed" else (0, n_wrong))
+    _, none = kind.score(reqs, [wrong for _ in reqs], j)
+    assert none["valid"] == 0 and none["invalid"] == 3 and all(none[m] is None for m in kind.metrics)
+
+
+# ------------------------------------------------------------------------------------------ the judge's generation
+
+
+def judge_inputs(tmp_path: Path) -> tuple[dict, dict]:
+    stages = []
+    for label in ("target", "baseline"):
+        rows = [{"id": q, "messages": [{"role": "user", "content": f"question {q}"}], "answer": f"{label} on {q}"}
+                for q in ("q1", "q2")]
+        path = write_jsonl(tmp_path / label / "answers.jsonl", rows)
+        stages.append({"outputs": {"answers": str(path)}, "dir": str(path.parent), "label": label})
+    return stages[0], stages[1]
+
+
+@pytest.fixture
+def judged(monkeypatch):
+    """Runs the local judge with a fake ``generate``; returns the settings each call got."""
+    calls = []
+
+    def fake(model, prompts, g):
+        calls.append((model, g))
+        return [{"id": p["id"], "answer": "8 3", "num_new_tokens": 2} for p in prompts]
+
+    monkeypatch.setattr(pipeline, "generate", fake)
+    return calls
+
+
+def test_the_local_judge_follows_the_generate_section_by_default(tmp_path, judged):
+    cfg = ExperimentConfig.model_validate({
+        "run_dir": str(tmp_path / "run"),
+        "generate": {"backend": "transformers", "batch_size": 5, "num_actors": 2, "max_new_tokens": 300},
+        "judge": {"model": "org/judge", "max_new_tokens": 33}})
+    done = pipeline.judge_stage(cfg, *judge_inputs(tmp_path))
+    ((model, g),) = judged
+    assert model == "org/judge" and (g.backend, g.batch_size, g.num_actors) == ("transformers", 5, 2)
+    assert g.max_new_tokens == 33 and cfg.generate.max_new_tokens == 300  # the judge's own length, generate's kept
+    assert done["metrics"]["valid"] == 2 and done["counts"] == {c: done["metrics"][c] for c in COUNTS}
+
+
+def test_a_judge_generate_section_reaches_the_judges_generation(tmp_path, judged):
+    base = {"run_dir": str(tmp_path / "run"), "generate": {"batch_size": 5},
+            "judge": {"model": "org/judge", "max_new_tokens": 33}}
+    first = pipeline.judge_stage(ExperimentConfig.model_validate(base), *judge_inputs(tmp_path))
+    own = {"backend": "vllm", "batch_size": 2, "num_actors": 3, "gpus_per_actor": 1.0,
+           "vllm_engine_kwargs": {"max_model_len": 4096}}
+    cfg = ExperimentConfig.model_validate({**base, "judge": {**base["judge"], "generate": own}})
+    done = pipeline.judge_stage(cfg, *judge_inputs(tmp_path))
+    _, g = judged[-1]
+    assert (g.backend, g.batch_size, g.num_actors, g.gpus_per_actor) == ("vllm", 2, 3, 1.0)
+    assert g.vllm_engine_kwargs == {"max_model_len": 4096} and g.max_new_tokens == 33
+    assert cfg.generate.backend == "transformers" and cfg.generate.batch_size == 5  # the generate stage's untouched
+    # Another backend may answer otherwise: another stage directory. A batch size alone does not change answers.
+    assert done["dir"] != first["dir"]
+    smaller = ExperimentConfig.model_validate({**base,
+                                               "judge": {**base["judge"], "generate": {**own, "batch_size": 1}}})
+    again = pipeline.judge_stage(smaller, *judge_inputs(tmp_path))
+    assert again["skipped"] and again["dir"] == done["dir"] and len(judged) == 2
+
+
+def test_the_judges_answer_length_is_one_key():
+    with pytest.raises(ConfigError, match="judge.max_new_tokens"):
+        load_config(None, ["judge.generate={max_new_tokens: 99}"])
+    j = load_config(None, ["judge.generate={backend: vllm}", "judge.max_new_tokens=20"]).judge
+    assert j.generation(load_config(None).generate).max_new_tokens == 20
