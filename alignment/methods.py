@@ -109,32 +109,38 @@ _SYNC_REF = {"sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_s
 # Every parameter but CPO's and SimPO's alphapo_alpha and ORPO's lambda is the TRL config's own, by the same name.
 METHODS: dict[str, Method] = {
     "dpo": Method(
-        _dpo, {"beta": 0.1, "loss_type": "sigmoid", "loss_weights": None, "label_smoothing": 0.0,
-               "precompute_ref_log_probs": False, "ld_alpha": None, "use_weighting": False,
-               "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **_SYNC_REF},
+        trl=_dpo,
+        params={"beta": 0.1, "loss_type": "sigmoid", "loss_weights": None, "label_smoothing": 0.0,
+                "precompute_ref_log_probs": False, "ld_alpha": None, "use_weighting": False,
+                "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, **_SYNC_REF},
         losses=("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                 "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
         sums_losses=True, check=_check_dpo, reference_model=True),
-    "ipo": Method(_dpo, {"beta": 0.1, "precompute_ref_log_probs": False}, fixed={"loss_type": ["ipo"]},
-                  reference_model=True),
+    "ipo": Method(
+        trl=_dpo, params={"beta": 0.1, "precompute_ref_log_probs": False}, fixed={"loss_type": ["ipo"]},
+        reference_model=True),
     "kto": Method(
-        _kto, {"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0,
-               "precompute_ref_log_probs": False, **_SYNC_REF},
+        trl=_kto,
+        params={"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0,
+                "precompute_ref_log_probs": False, **_SYNC_REF},
         losses=("kto", "apo_zero_unpaired"), reference_model=True, paired=False),
-    "cpo": Method(_cpo, {"beta": 0.1, "loss_type": "sigmoid", "cpo_alpha": 1.0, "label_smoothing": 0.0,
-                         "alphapo_alpha": 0.0},
-                  losses=("sigmoid", "hinge", "ipo"),  # CPOConfig's simpo and alphapo losses are method simpo
-                  renames={"alphapo_alpha": "alpha"}, adds_bos=True),
-    "simpo": Method(_cpo, {"beta": 2.0, "gamma": 1.0, "alphapo_alpha": 0.0},
-                    renames={"gamma": "simpo_gamma", "alphapo_alpha": "alpha"},
-                    fixed={"loss_type": "simpo", "cpo_alpha": 0.0}, adds_bos=True),
-    "orpo": Method(_orpo, {"lambda": 0.1}, renames={"lambda": "beta"},  # TRL's ORPO beta is the paper's lambda
-                   adds_bos=True),
+    "cpo": Method(
+        trl=_cpo,
+        params={"beta": 0.1, "loss_type": "sigmoid", "cpo_alpha": 1.0, "label_smoothing": 0.0, "alphapo_alpha": 0.0},
+        losses=("sigmoid", "hinge", "ipo"),  # CPOConfig's simpo and alphapo losses are method simpo
+        renames={"alphapo_alpha": "alpha"}, adds_bos=True),
+    "simpo": Method(
+        trl=_cpo, params={"beta": 2.0, "gamma": 1.0, "alphapo_alpha": 0.0},
+        renames={"gamma": "simpo_gamma", "alphapo_alpha": "alpha"}, fixed={"loss_type": "simpo", "cpo_alpha": 0.0},
+        adds_bos=True),
+    "orpo": Method(
+        trl=_orpo, params={"lambda": 0.1}, renames={"lambda": "beta"},  # TRL's ORPO beta is the paper's lambda
+        adds_bos=True),
 }
 
 # Supervised fine-tuning, apart from the preference methods: its rows are conversations, its settings
 # (assistant_only_loss, packing) are the sft section's own.
-SFT = Method(_sft, paired=False)
+SFT = Method(trl=_sft, paired=False)
 
 
 def method(name: str) -> Method:

@@ -278,10 +278,10 @@ def training_chat_template(tokenizer) -> str | None:
 def varying_length_attention() -> None:
     """Keep PyTorch's scaled-dot-product attention off its cuDNN backend in this process (CUDA only).
 
-    On an H100 (torch 2.11) SDPA picked cuDNN attention, which builds an execution plan for each new batch
-    shape: about 2.5 ms of CPU per attention call, against 50 us of GPU work, with the varying row lengths of
-    training, scoring and generation batches (benchmarks/gpu_train.py --profile). The flash and memory-efficient
-    kernels take the same inputs without that cost.
+    cuDNN attention builds an execution plan for each new batch shape, which costs more CPU time per call than
+    the GPU work with the varying row lengths of training, scoring and generation batches (measured in the
+    README's GPU section, ``benchmarks/gpu_train.py --profile``); the flash and memory-efficient kernels take the
+    same inputs without that cost.
     """
     import torch
 

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from . import endpoints, formats, models, report, search, select, train
-from .config import ConfigError, ExperimentConfig, config_dict
+from .config import DEFAULT_SENTENCE_MODEL, ConfigError, ExperimentConfig, ResourcesConfig, config_dict
 from .errors import AlignmentError
 from .evaluate import COUNTS, JUDGES, generate
 from .manifest import digest, fingerprint, run_stage, write_json
@@ -32,10 +32,6 @@ class PipelineError(AlignmentError, RuntimeError):
 
 def _run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run_dir).resolve()
-
-
-def _resources(cfg: ExperimentConfig) -> dict[str, Any]:
-    return config_dict(cfg.resources)
 
 
 def _storage(cfg: ExperimentConfig, stage_dir: Path) -> str:
@@ -142,11 +138,11 @@ _TRAIN_KEYS = ("id", "messages", "prompt", "chosen", "rejected", "completion", "
 
 
 def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: list[dict], start: str,
-         settings: dict[str, Any], save_steps: list[int], res: dict[str, Any]) -> dict[str, Any]:
+         settings: dict[str, Any], save_steps: list[int], res: ResourcesConfig) -> dict[str, Any]:
     """``train.fit`` once there are rows for a step on every worker. A run stopped by a non-finite value leaves its
     log (``metrics.jsonl``, TensorBoard events in ``tensorboard/``, the NaN included) before the stage fails."""
     try:
-        train.check_batch(len(train.method_dataset(rows, method)), settings, res["num_workers"], method)
+        train.check_batch(len(train.method_dataset(rows, method)), settings, res.num_workers, method)
     except train.TrainError as e:
         raise PipelineError(str(e)) from None
 
@@ -170,10 +166,10 @@ def sft_stage(cfg: ExperimentConfig) -> dict[str, Any]:
     base = models.resolve(cfg.model.base)
     settings = train.train_settings(cfg.sft, cfg.seed, "sft")
     save_steps = cfg.sft.checkpoint_steps()
-    res = _resources(cfg)
+    res = cfg.resources
     conf = {"settings": settings, "save_steps": save_steps, "eval_rows": cfg.sft.eval_rows, "model": cfg.model.base,
-            "chat_template": cfg.model.chat_template, "num_workers": res["num_workers"], "use_gpu": res["use_gpu"],
-            "strategy": res["strategy"]}
+            "chat_template": cfg.model.chat_template, "num_workers": res.num_workers, "use_gpu": res.use_gpu,
+            "strategy": res.strategy}
     inputs = {"selected": fingerprint(selected), "model": fingerprint(base)}
 
     def work(d: Path) -> dict[str, Any]:
@@ -226,11 +222,11 @@ def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
     settings = train.train_settings(p, cfg.seed, method)
     params = settings["params"]
     save_steps = p.checkpoint_steps()
-    res = _resources(cfg)
+    res = cfg.resources
     conf = {"method": method, "settings": settings, "save_steps": save_steps, "num_pairs": num_pairs,
             "eval_rows": p.eval_rows, "format": cfg.data.preferences_format, "start": start_info,
-            "chat_template": cfg.model.chat_template, "num_workers": res["num_workers"], "use_gpu": res["use_gpu"],
-            "strategy": res["strategy"]}
+            "chat_template": cfg.model.chat_template, "num_workers": res.num_workers, "use_gpu": res.use_gpu,
+            "strategy": res.strategy}
     files = _files(cfg.data.preferences, "preferences", cfg.run_dir)
     inputs = {**files, "start": fingerprint(start)}
 
@@ -466,7 +462,7 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
             _endpoint_set(f"select.{section}", endpoint.api_base_env, endpoint.api_key_env)
         if select.SELECTORS[s.selector].embeds:
             name = s.embedding.model_name(cfg.model.base)
-            if name != select.embed.DEFAULT_SENTENCE_MODEL:  # that one comes from its wheel
+            if name != DEFAULT_SENTENCE_MODEL:  # that one comes from its wheel
                 names["select.embedding.model" if s.embedding.model else "model.base"] = name
     if stages & {"sft", "pref"}:
         names["model.base"] = cfg.model.base

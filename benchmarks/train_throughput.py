@@ -28,6 +28,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from alignment import formats, models, train  # noqa: E402
+from alignment.config import ResourcesConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -90,8 +91,7 @@ def main() -> int:
 
             t = time.perf_counter()
             run = train.fit(method, rows, path, s, [args.steps], str(Path(tmp) / "ray"),
-                            {"num_workers": 1, "use_gpu": False, "cpus_per_worker": float(args.cpus),
-                             "strategy": "auto"})
+                            ResourcesConfig(num_workers=1, cpus_per_worker=float(args.cpus)))
             ray_wall = time.perf_counter() - t
             ray_rate, ray_tokens = steady_rate(run["history"], args.warmup)
         overhead = 1 - ray_rate / plain_rate

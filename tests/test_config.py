@@ -76,3 +76,19 @@ def test_credentials_in_the_storage_uri_are_refused_and_never_echoed(uri, which)
     assert f"credentials in the URI ({which})" in str(e.value) and "hunter2" not in str(e.value)
     assert "resources.storage_path" in str(e.value)
     assert load_config(None, ["resources.storage_path=s3://bucket/runs?region=eu-west-1"]).resources.storage_path
+
+
+def test_a_search_point_is_a_validated_copy_of_the_config(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("run_dir: runs/x\nsft: {save_at: [2, 4], max_steps: 4}\nsearch: {k: [8, 16], sft_step: [2, 4], "
+                    "method: [dpo, kto]}\npref: {beta: 0.2}\n")
+    cfg = load_config(path)
+    point = cfg.search_grid()[-1]
+    at = cfg.at(point)
+    assert point == {"k": 16, "sft_step": 4, "method": "kto", "num_pairs": None}
+    assert (at.select.k, at.pref.sft_step, at.pref.method, at.pref.num_pairs) == (16, 4, "kto", None)
+    assert (cfg.select.k, cfg.pref.sft_step, cfg.pref.method) == (1000, "last", "dpo")  # a copy
+    assert at.source == str(path) and at.run_dir == cfg.run_dir == str(Path("runs/x").resolve())
+    assert at.pref.method_params()["beta"] == 0.2
+    with pytest.raises(ConfigError, match=r"(?s)at the search point .*pref.sft_step: SFT step 3 is never saved"):
+        cfg.at({**point, "sft_step": 3})

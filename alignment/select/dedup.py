@@ -55,10 +55,10 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 class MinHasher:
     """MinHash over word n-grams with ``num_perm`` universal hash functions, banded for LSH."""
 
-    num_perm: int = 128
-    ngram: int = 5
-    bands: int = 16
-    rows: int = 8
+    num_perm: int
+    ngram: int
+    bands: int
+    rows: int
     seed: int = 0
 
     def __post_init__(self):

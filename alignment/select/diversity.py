@@ -38,7 +38,7 @@ def score_order(scores: np.ndarray, ids: list[str] | np.ndarray) -> np.ndarray:
     return np.lexsort((ids, -np.asarray(scores, dtype=np.float64)))
 
 
-def repr_filter_reference(embeddings: np.ndarray, k: int, tau: float = 0.9) -> list[int]:
+def repr_filter_reference(embeddings: np.ndarray, k: int, tau: float) -> list[int]:
     """The rule, one candidate at a time (rows already in score order and normalised)."""
     e = np.asarray(embeddings, dtype=np.float32)
     if len(e) == 0 or k < 1:
@@ -57,13 +57,13 @@ def _blocks(embeddings: np.ndarray, block: int) -> Iterator[np.ndarray]:
         yield embeddings[start:start + block]
 
 
-def repr_filter(embeddings: np.ndarray, k: int, tau: float = 0.9, block: int = 4096, cells: int = 256,
+def repr_filter(embeddings: np.ndarray, k: int, tau: float, block: int = 4096, cells: int = 256,
                 seed: int = 0) -> list[int]:
     """Exactly :func:`repr_filter_reference`'s rows, fast (rows in score order, normalised)."""
     return repr_filter_stream(_blocks(np.asarray(embeddings, dtype=np.float32), block), k, tau, cells, seed)
 
 
-def repr_filter_stream(blocks: Iterable[np.ndarray], k: int, tau: float = 0.9, cells: int = 256,
+def repr_filter_stream(blocks: Iterable[np.ndarray], k: int, tau: float, cells: int = 256,
                        seed: int = 0) -> list[int]:
     """The filter over candidate blocks in score order; returns positions in the concatenated stream."""
     f = ReprFilter(k, tau, cells, seed)
@@ -80,7 +80,7 @@ def repr_filter_stream(blocks: Iterable[np.ndarray], k: int, tau: float = 0.9, c
 class ReprFilter:
     """The filter's state over a stream: feed blocks of candidates in score order, get back the kept ones."""
 
-    def __init__(self, k: int, tau: float = 0.9, cells: int = 256, seed: int = 0, chunk: int = 8192):
+    def __init__(self, k: int, tau: float, cells: int = 256, seed: int = 0, chunk: int = 8192):
         self.k, self.tau, self.cells, self.chunk = k, tau, cells, chunk
         self.rng = np.random.default_rng(seed)
         self.kept: np.ndarray | None = None  # k x d, filled in order

@@ -20,12 +20,12 @@ import numpy as np
 import pyarrow as pa
 
 from .. import formats
+from ..config import DEFAULT_SENTENCE_MODEL
 
 if TYPE_CHECKING:
     from ..config import EmbeddingConfig
 
 KINDS = ("sentence", "last_token", "mean")
-DEFAULT_SENTENCE_MODEL = "all-minilm-l6-v2"
 
 
 def model_path(name: str) -> str:

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from .. import formats
 from ..endpoints import read_cache
+from . import report as select_report
 from .rows import MESSAGES_TYPE, SelectError, assistant_lengths, in_read_tasks, scatter, token_counts, valid
 from .scorers import SCORERS, Resolved, add_scorers, ranking, rating
 from .selectors import SELECTORS
@@ -300,63 +302,63 @@ def _check_resolved(s: SelectConfig, resolved: Resolved) -> None:
         raise SelectError(f"the select stage needs these models resolved: {', '.join(missing)}")
 
 
-def run_select(s: SelectConfig, resolved: Resolved, out_dir: Path) -> dict[str, Any]:
-    """Select ``s.k`` rows of ``resolved.files`` as ``s`` says. Writes ``selected.parquet`` (with every score,
-    the ranking ``score`` and ``rank``), ``scored.parquet`` (the whole ranked pool: ids and scores, with the
-    messages only when the selector reads them again) and ``set_aside.jsonl`` (rows that failed validation or
-    scoring, each with its field and reason)."""
-    import ray
+@dataclass
+class Pool:
+    """What the scoring pass saw: rows read from the batches, ranked (valid and scored), invalid, unscored,
+    removed as duplicates before it, and the set-aside reasons counted by kind (:func:`formats.reason_key`)."""
 
-    _check_resolved(s, resolved)
-    k, selector = s.k, SELECTORS[s.selector]
-    paths = formats.expand_paths(list(resolved.files))
-    shards = formats.plan_shards(paths)
-    tasks = read_tasks(shards)
-    skip, dup_records, dedup_counts, over_long = (_dedup(shards, paths, s, resolved, tasks)
-                                                  if s.dedup.mode != "none" else ({}, [], None, None))
-    uses_endpoint = rating.uses_endpoint(s)
-    cache_path = out_dir / "rating_responses.jsonl"
-    rating_cache = read_cache(cache_path) if uses_endpoint else None
-    tally = rating.new_tally()
-    ds = add_scorers(_rows(shards, s, resolved, tasks, skip, over_long), s, resolved, tasks, list(ROWS_SCHEMA.names),
-                     rating_cache)
-    if not selector.embeds:
-        # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
-        ds = ds.drop_columns(["messages"], compute=ray.data.TaskPoolStrategy(size=tasks))  # fused into the reads too
-    rank = ranking(s)
-    n_read = n_valid = n_invalid = n_unscored = 0
-    reasons: dict[str, int] = {}
-    aside_path, scored_path = out_dir / "set_aside.jsonl", out_dir / "scored.parquet"
+    read: int = 0
+    valid: int = 0
+    invalid: int = 0
+    unscored: int = 0
+    duplicate: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def set_aside(self) -> int:
+        return self.invalid + self.unscored + self.duplicate
+
+    def add_reason(self, key: str) -> None:
+        self.reasons[key] = self.reasons.get(key, 0) + 1
+
+
+def _split(batch: pa.Table, rank: dict[str, float]) -> tuple[pa.Table, list[dict], list[dict]]:
+    """One scored batch -> (its ranked rows, with ``score``; set-aside records of its invalid rows; those of its
+    rows with a null ranking score, naming the score and the scorer's reason)."""
+    bad_mask = pc.is_valid(batch["error"])
+    invalid = batch.filter(bad_mask).select(["source", "row", "id", "field", "error"]).to_pylist()
+    ranked, unscored = _ranked(batch.filter(pc.invert(bad_mask)).drop_columns(["field", "error"]), rank)
+    unscored_rows = [{"source": r["source"], "row": r["row"], "id": r["id"],
+                      "field": next(c for c in rank if r[c] is None), "error": r.get("score_error") or "no score"}
+                     for r in unscored.to_pylist()]
+    return ranked, invalid, unscored_rows
+
+
+def _score(ds: Any, s: SelectConfig, dup_records: list[dict], out_dir: Path,
+           cache_path: Path | None) -> tuple[Pool, dict[str, Any] | None]:
+    """The scoring pass, streamed once: the ranked rows to ``scored.parquet``, every set-aside row (the
+    duplicates first) to ``set_aside.jsonl``, and with the rating endpoint (``cache_path``) its new answers to
+    that file as they come (the driver owns it: tasks may run on other nodes), so that a re-run of a failed
+    stage sends only the failed rows' requests. Returns the pool's counts and the rating requests' counts."""
+    rank, pool, tally = ranking(s), Pool(duplicate=len(dup_records)), rating.new_tally()
     writer: pq.ParquetWriter | None = None
-    t0 = time.perf_counter()
-    with open(aside_path, "w") as aside, open(cache_path, "a") if uses_endpoint else nullcontext() as cache:
+    with (open(out_dir / "set_aside.jsonl", "w") as aside,
+          open(cache_path, "a") if cache_path else nullcontext() as cache):
         for r in dup_records:
-            key = "(duplicate): " + ("exact" if r["error"].startswith("exact") else "near")
-            reasons[key] = reasons.get(key, 0) + 1
+            pool.add_reason("(duplicate): " + ("exact" if r["error"].startswith("exact") else "near"))
             aside.write(json.dumps(r) + "\n")
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=s.batch_size):
-            n_read += batch.num_rows
-            if uses_endpoint:
+            pool.read += batch.num_rows
+            if cache_path:
                 batch = rating.keep_answers(batch, cache, tally)
-            bad_mask = pc.is_valid(batch["error"])
-            bad = batch.filter(bad_mask)
-            good = batch.filter(pc.invert(bad_mask)).drop_columns(["field", "error"])
-            ranked, unscored = _ranked(good, rank)
-            n_invalid += bad.num_rows
-            n_unscored += unscored.num_rows
-            n_valid += ranked.num_rows
-            aside_rows = bad.select(["source", "row", "id", "field", "error"]).to_pylist()
-            for r in unscored.to_pylist():
-                field = next(c for c in rank if r[c] is None)
-                aside_rows.append({"source": r["source"], "row": r["row"], "id": r["id"], "field": field,
-                                   "error": r.get("score_error") or "no score"})
-            for r in aside_rows:
-                key = formats.reason_key(r["field"], r["error"])
-                reasons[key] = reasons.get(key, 0) + 1
+            ranked, invalid, unscored = _split(batch, rank)
+            pool.valid, pool.invalid, pool.unscored = (pool.valid + ranked.num_rows, pool.invalid + len(invalid),
+                                                       pool.unscored + len(unscored))
+            for r in invalid + unscored:
+                pool.add_reason(formats.reason_key(r["field"], r["error"]))
                 aside.write(json.dumps(r) + "\n")
             if ranked.num_rows:
-                if writer is None:
-                    writer = pq.ParquetWriter(scored_path, ranked.schema)
+                writer = writer or pq.ParquetWriter(out_dir / "scored.parquet", ranked.schema)
                 writer.write_table(ranked)
             if tally["batch_failed"] and rating.failure(tally, s.rating, cache_path):
                 # A whole batch failed and the failures so far are over the fraction: the endpoint looks down.
@@ -364,25 +366,67 @@ def run_select(s: SelectConfig, resolved: Resolved, out_dir: Path) -> dict[str, 
                 break
     if writer is not None:
         writer.close()
-    failure = rating.failure(tally, s.rating, cache_path) if uses_endpoint else None
+    if not cache_path:
+        return pool, None
+    failure = rating.failure(tally, s.rating, cache_path)
     if failure:
         raise SelectError(failure)
-    scoring_s = time.perf_counter() - t0
-    n_dup = len(dup_records)
-    n_read += n_dup
-    n_bad = n_invalid + n_unscored + n_dup
-    where = f"in {', '.join(paths)} ({n_bad} set aside: {_main_reasons(reasons)}; see {aside_path})"
-    if n_valid == 0:  # whatever allow_fewer says: an empty selection trains nothing
+    return pool, {"rows": tally["rated"], "answered_earlier": tally["cached"], "failed": tally["failed"]}
+
+
+def _check_pool(pool: Pool, s: SelectConfig, paths: list[str], aside_path: Path) -> None:
+    """An empty pool is an error whatever ``allow_fewer`` says (an empty selection trains nothing); fewer valid
+    rows than k is one unless ``allow_fewer``."""
+    where = f"in {', '.join(paths)} ({pool.set_aside} set aside: {_main_reasons(pool.reasons)}; see {aside_path})"
+    if pool.valid == 0:
         raise SelectError(f"no rows to select: 0 valid, scored rows {where}")
-    if n_valid < k and not s.allow_fewer:
-        raise SelectError(f"select.k={k} is larger than the pool: {n_valid} valid, scored rows {where}; lower k or "
-                          "set select.allow_fewer=true")
-    counts: dict[str, Any] = {"rows_read": n_read, "rows_kept": n_valid, "rows_set_aside": n_bad,
-                              "rows_invalid": n_invalid, "rows_unscored": n_unscored, "rows_duplicate": n_dup,
-                              "set_aside_reasons": reasons}
-    if uses_endpoint:
-        counts["rating_requests"] = {"rows": tally["rated"], "answered_earlier": tally["cached"],
-                                     "failed": tally["failed"]}
+    if pool.valid < s.k and not s.allow_fewer:
+        raise SelectError(f"select.k={s.k} is larger than the pool: {pool.valid} valid, scored rows {where}; lower "
+                          "k or set select.allow_fewer=true")
+
+
+def _pick(s: SelectConfig, resolved: Resolved, shards: list[formats.Shard], out_dir: Path) -> tuple[pa.Table, Any]:
+    """The selector's k rows of the ranked pool, with their messages (read back from their files where the pool
+    holds ids and scores only) and ``rank``, written to ``selected.parquet``; and the selector's result."""
+    picked = SELECTORS[s.selector].pick(out_dir / "scored.parquet", s, resolved, out_dir)
+    selected = picked.rows
+    if selected.num_rows and "messages" not in selected.column_names:
+        selected = attach_messages(selected, shards, resolved.format)
+    selected = selected.append_column("rank", pa.array(range(1, selected.num_rows + 1), pa.int64()))
+    pq.write_table(selected, out_dir / "selected.parquet")
+    return selected, picked
+
+
+def run_select(s: SelectConfig, resolved: Resolved, out_dir: Path) -> dict[str, Any]:
+    """Select ``s.k`` rows of ``resolved.files`` as ``s`` says: read and dedup, score (:func:`_score`), check the
+    pool, pick, export, report. Writes ``selected.parquet`` (with every score, the ranking ``score`` and ``rank``),
+    ``scored.parquet`` (the whole ranked pool: ids and scores, with the messages only when the selector reads
+    them again) and ``set_aside.jsonl`` (rows that failed validation or scoring, each with its field and reason)."""
+    import ray
+
+    _check_resolved(s, resolved)
+    paths = formats.expand_paths(list(resolved.files))
+    shards = formats.plan_shards(paths)
+    tasks = read_tasks(shards)
+    skip, dup_records, dedup_counts, over_long = (_dedup(shards, paths, s, resolved, tasks)
+                                                  if s.dedup.mode != "none" else ({}, [], None, None))
+    cache_path = out_dir / "rating_responses.jsonl" if rating.uses_endpoint(s) else None
+    ds = add_scorers(_rows(shards, s, resolved, tasks, skip, over_long), s, resolved, tasks, list(ROWS_SCHEMA.names),
+                     read_cache(cache_path) if cache_path else None)
+    if not SELECTORS[s.selector].embeds:
+        # Only ids and scores travel to the driver; the k selected rows' texts are read back at the end.
+        ds = ds.drop_columns(["messages"], compute=ray.data.TaskPoolStrategy(size=tasks))  # fused into the reads too
+    t0 = time.perf_counter()
+    pool, requests = _score(ds, s, dup_records, out_dir, cache_path)
+    scoring_s = time.perf_counter() - t0
+    aside_path, scored_path = out_dir / "set_aside.jsonl", out_dir / "scored.parquet"
+    _check_pool(pool, s, paths, aside_path)
+    counts: dict[str, Any] = {"rows_read": pool.read + pool.duplicate, "rows_kept": pool.valid,
+                              "rows_set_aside": pool.set_aside, "rows_invalid": pool.invalid,
+                              "rows_unscored": pool.unscored, "rows_duplicate": pool.duplicate,
+                              "set_aside_reasons": pool.reasons}
+    if requests is not None:
+        counts["rating_requests"] = requests
     if dedup_counts is not None:
         counts["dedup"] = dedup_counts
     counts["duplicate_ids"] = duplicate_ids(scored_path, paths)
@@ -390,18 +434,13 @@ def run_select(s: SelectConfig, resolved: Resolved, out_dir: Path) -> dict[str, 
         log.warning("select: %d kept rows share their id with another row (duplicate ids, e.g. %s); ids key the "
                     "random scorer, k-means sampling and training splits", counts["duplicate_ids"]["rows"],
                     counts["duplicate_ids"]["examples"])
-    picked = selector.pick(scored_path, s, resolved, out_dir)
+    if pool.set_aside:
+        log.warning("select: %d of %d rows set aside (%s); see %s", pool.set_aside, counts["rows_read"],
+                    pool.reasons, aside_path)
+    selected, picked = _pick(s, resolved, shards, out_dir)
     if picked.counts is not None:
         counts[s.selector] = picked.counts
-    selected = picked.rows
-    if selected.num_rows and "messages" not in selected.column_names:
-        selected = attach_messages(selected, shards, resolved.format)
-    selected = selected.append_column("rank", pa.array(range(1, selected.num_rows + 1), pa.int64()))
-    pq.write_table(selected, out_dir / "selected.parquet")
     counts["rows_selected"] = selected.num_rows
-    if n_bad:
-        log.warning("select: %d of %d rows set aside (%s); see %s", n_bad, n_read, reasons, aside_path)
-    scores = selected["score"] if selected.num_rows else pa.array([], pa.float64())
     outputs = {"selected": str(out_dir / "selected.parquet"), "scored": str(scored_path), "set_aside": str(aside_path),
                **picked.outputs}
     exported, left_out = export_selection(selected, s.export, out_dir)
@@ -411,13 +450,12 @@ def run_select(s: SelectConfig, resolved: Resolved, out_dir: Path) -> dict[str, 
         for fmt, rows in left_out.items():
             log.warning("select: %d selected rows left out of the %s export (%s); see %s", len(rows), fmt,
                         rows[0]["error"], exported[f"export_{fmt}_set_aside"])
-    metrics = {"files": paths, "scorers": list(s.scorers), "ranking": rank, "length_unit": s.length_unit,
+    scores = selected["score"] if selected.num_rows else pa.array([], pa.float64())
+    metrics = {"files": paths, "scorers": list(s.scorers), "ranking": ranking(s), "length_unit": s.length_unit,
                "selector": s.selector, "read_and_score_s": round(scoring_s, 3),
                "select_s": round(time.perf_counter() - t0 - scoring_s, 3),
-               "rows_per_s": round(n_read / scoring_s, 1) if scoring_s else None,
+               "rows_per_s": round(counts["rows_read"] / scoring_s, 1) if scoring_s else None,
                "selected_score_min": pc.min(scores).as_py(), "selected_score_max": pc.max(scores).as_py()}
-    from . import report as select_report
-
     outputs["report"] = str(select_report.write(out_dir, scored_path, selected, counts, metrics))
     return {"outputs": outputs, "counts": counts, "metrics": metrics}
 

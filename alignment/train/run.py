@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..config import PrefConfig, SFTConfig, config_dict
+from ..config import PrefConfig, ResourcesConfig, SFTConfig, config_dict
 from ..errors import AlignmentError, unwrap
 from .callbacks import TB_DIR, save_and_report_callback
 from .errors import TrainRunError
@@ -71,7 +71,7 @@ def train_loop(job: dict[str, Any]) -> None:
 
 
 def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], save_steps: list[int],
-        storage_path: str, resources: dict[str, Any], chat_template: str | None = None,
+        storage_path: str, resources: ResourcesConfig, chat_template: str | None = None,
         eval_rows: list[dict] | None = None, max_failures: int = 0) -> dict[str, Any]:
     """Run ``method`` ('sft' or a preference method) on Ray Train.
 
@@ -81,23 +81,23 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cpus = resources["cpus_per_worker"]
-    strategy = resources.get("strategy", "auto")
+    cpus = resources.cpus_per_worker
+    strategy = resources.strategy
     if strategy == "auto":
-        strategy = "fsdp" if resources["use_gpu"] and resources["num_workers"] > 1 else "ddp"
+        strategy = "fsdp" if resources.use_gpu and resources.num_workers > 1 else "ddp"
     import ray
 
     # The rows go to the object store once, and each worker (a restarted one too) fetches them by reference:
     # Ray Train warns against data in train_loop_config, which it serialises into its run context.
     job = {
         "method": method, "rows": ray.put(rows), "eval_rows": ray.put(eval_rows) if eval_rows else None, "model": model,
-        "settings": {**settings, "use_gpu": resources["use_gpu"], "strategy": strategy},
+        "settings": {**settings, "use_gpu": resources.use_gpu, "strategy": strategy},
         "save_steps": save_steps, "chat_template": chat_template, "torch_threads": max(1, math.ceil(cpus)),
     }
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=resources["num_workers"], use_gpu=resources["use_gpu"],
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=method,

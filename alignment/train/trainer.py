@@ -43,7 +43,7 @@ def _common_args(s: dict[str, Any], output_dir: str) -> dict[str, Any]:
         "warmup_steps": math.ceil(s["warmup_ratio"] * s["max_steps"]),
         "logging_steps": s["logging_steps"],
         # A non-finite loss is logged as it is (the Trainer's default logged 0.0 for an all-NaN window) and stops
-        # training (_finite_guard).
+        # training (callbacks.finite_guard).
         "logging_nan_inf_filter": False,
         "save_strategy": "no",  # SaveAtSteps decides
         "eval_strategy": "no",  # evaluated at every saved step, by SaveAtSteps

@@ -134,7 +134,11 @@ def test_a_judge_generate_section_reaches_the_judges_generation(tmp_path, judged
 
 
 def test_the_judges_answer_length_is_one_key():
-    with pytest.raises(ConfigError, match="judge.max_new_tokens"):
+    with pytest.raises(ConfigError, match=r"judge\.generate\.max_new_tokens: unknown key"):
         load_config(None, ["judge.generate={max_new_tokens: 99}"])
-    j = load_config(None, ["judge.generate={backend: vllm}", "judge.max_new_tokens=20"]).judge
-    assert j.generation(load_config(None).generate).max_new_tokens == 20
+    cfg = load_config(None, ["judge.generate={backend: vllm, batch_size: 3}", "judge.max_new_tokens=20"])
+    assert cfg.judge.generation(cfg.generate).max_new_tokens == 20
+    # A search trial gets the config dumped and validated again, at its point: the section survives both.
+    again = ExperimentConfig.model_validate(cfg.model_dump(mode="json")).at(cfg.search_grid()[0])
+    assert again.judge.generation(again.generate) == cfg.judge.generation(cfg.generate)
+    assert again.judge.generate.batch_size == 3

@@ -205,7 +205,7 @@ def test_deita_and_random_scorers_in_the_select_stage(ray_local, tmp_path, tiny_
         assert p["score_deita_evol"] == pytest.approx(evol)
         assert p["score"] == p["score_deita_evol"] and 0 <= p["score_random"] < 1
     # the scores are the ones the scorer gives to these prompts, one at a time
-    scorer = deita.CausalLMScorer(str(tiny_model), max_length=250)
+    scorer = deita.CausalLMScorer(str(tiny_model), max_length=250, batch_size=8)
     first = pool[0]
     messages = [m for m in formats.read_rows(str(src), "sft")[0] if m["id"] == first["id"]][0]["messages"]
     assert first["deita_complexity"] == pytest.approx(scorer.score(deita.deita_prompts(messages)[0])[0], abs=1e-5)

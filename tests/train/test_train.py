@@ -14,7 +14,7 @@ import pytest
 from conftest import SETTINGS
 
 from alignment import train
-from alignment.config import ConfigError, load_config
+from alignment.config import ConfigError, ResourcesConfig, load_config
 from alignment.methods import METHODS
 
 SFT = {**SETTINGS, "max_steps": 12, "assistant_only_loss": True, "packing": False}
@@ -235,25 +235,9 @@ def test_method_params_take_the_methods_defaults():
     assert [(p["method"], p["num_pairs"]) for p in grid] == [("dpo", 4), ("dpo", 8), ("kto", 4), ("kto", 8)]
 
 
-def test_a_search_point_is_a_validated_copy_of_the_config(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text("run_dir: runs/x\nsft: {save_at: [2, 4], max_steps: 4}\nsearch: {k: [8, 16], sft_step: [2, 4], "
-                    "method: [dpo, kto]}\npref: {beta: 0.2}\n")
-    cfg = load_config(path)
-    point = cfg.search_grid()[-1]
-    at = cfg.at(point)
-    assert point == {"k": 16, "sft_step": 4, "method": "kto", "num_pairs": None}
-    assert (at.select.k, at.pref.sft_step, at.pref.method, at.pref.num_pairs) == (16, 4, "kto", None)
-    assert (cfg.select.k, cfg.pref.sft_step, cfg.pref.method) == (1000, "last", "dpo")  # a copy
-    assert at.source == str(path) and at.run_dir == cfg.run_dir == str(Path("runs/x").resolve())
-    assert at.pref.method_params()["beta"] == 0.2
-    with pytest.raises(ConfigError, match=r"(?s)at the search point .*pref.sft_step: SFT step 3 is never saved"):
-        cfg.at({**point, "sft_step": 3})
-
-
 # ------------------------------------------------------------------------------------------ on local Ray
 
-RES = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1.0, "strategy": "auto"}
+RES = ResourcesConfig(num_workers=1, use_gpu=False, cpus_per_worker=1.0)
 
 
 def sft_settings(**over) -> dict:
@@ -388,7 +372,7 @@ def test_two_workers_reach_the_loss_of_one(ray_local, tiny_model, sft_rows, tmp_
                     str(tmp_path / "one"), RES)
     two = train.fit("sft", sft_rows, str(tiny_model), sft_settings(per_device_batch_size=2, max_steps=8,
                                                                    save_only_model=False), [8],
-                    str(tmp_path / "two"), {**RES, "num_workers": 2})
+                    str(tmp_path / "two"), RES.model_copy(update={"num_workers": 2}))
     assert one["facts"]["strategy"] == "single-process" and one["facts"]["world_size"] == 1
     assert two["facts"] == {**two["facts"], "strategy": "ddp", "world_size": 2, "device": "cpu", "backend": "gloo"}
     l1 = [h["loss"] for h in one["history"] if "loss" in h]

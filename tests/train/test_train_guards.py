@@ -146,7 +146,7 @@ def test_pref_stage_sets_rows_aside_and_a_nan_run_fails_with_its_log(ray_local, 
 
     # Rows that bypass the check (train.fit directly) make SimPO's loss NaN: the workers stop at step 1 and the
     # driver gets the project's error, not Ray Train's wrapping; the stage's log keeps the NaN.
-    res = pipeline._resources(cfg)
+    res = cfg.resources
     settings = train.train_settings(cfg.pref, cfg.seed, "simpo")
     settings["max_length"] = 128
 

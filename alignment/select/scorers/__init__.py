@@ -64,18 +64,14 @@ class Scorer:
 
 SCORERS: dict[str, Scorer] = {
     "length": Scorer(
-        columns=("score_length",), rank_column="score_length", add=length.add,
-        models=lambda s: {"tokenizer": "model.base"} if s.length_unit == "tokens" else {}),
+        columns=("score_length",), rank_column="score_length", add=length.add, models=length.models),
     "random": Scorer(columns=("score_random",), rank_column="score_random", add=random.add),
     "deita": Scorer(
         columns=("deita_complexity", "deita_quality", "score_deita_evol", "score_error"),
-        rank_column="score_deita_evol", add=deita.add,
-        models=lambda s: {"complexity_model": "select.deita.complexity_model",
-                          "quality_model": "select.deita.quality_model"}),
+        rank_column="score_deita_evol", add=deita.add, models=deita.models),
     "rating": Scorer(
-        columns=("score_rating", "score_error"), rank_column="score_rating", add=rating.add,
-        models=lambda s: {"rating_model": "select.rating.model"} if s.rating.backend == "transformers" else {},
-        endpoint=lambda s: "rating" if s.rating.backend == "openai" else None),
+        columns=("score_rating", "score_error"), rank_column="score_rating", add=rating.add, models=rating.models,
+        endpoint=rating.endpoint),
 }
 
 

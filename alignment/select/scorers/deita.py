@@ -116,7 +116,7 @@ class CausalLMScorer:
     hidden state only, restricted to the six score tokens' rows.
     """
 
-    def __init__(self, model_path: str, max_length: int = 2048, batch_size: int = 8, device: str = "cpu",
+    def __init__(self, model_path: str, max_length: int, batch_size: int, device: str = "cpu",
                  dtype: str = "auto", min_shared_prefix: int = 8, batch_tokens: int | None = None):
         """``batch_tokens``: padded tokens per forward pass at most (beyond a shared prefix); None: 2,048 on
         CPU, where a batch of long prompts ran slower than the same prompts one by one (benchmark (c)), and
@@ -359,6 +359,10 @@ class DeitaScorer:
             .append_column("score_deita_evol", pa.array([r.get("score_deita_evol") for r in res], pa.float64())),
             [r.get("error") for r in res],
         )
+
+
+def models(s: SelectConfig) -> dict[str, str]:
+    return {"complexity_model": "select.deita.complexity_model", "quality_model": "select.deita.quality_model"}
 
 
 def add(ds: Any, s: SelectConfig, ctx: Context) -> Any:

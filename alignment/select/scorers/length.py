@@ -31,6 +31,11 @@ def score_length_batch(table: pa.Table, unit: str, tokenizer_path: str | None) -
     return table.append_column("score_length", pa.array(lengths, mask=~np.asarray(valid(table), bool)))
 
 
+def models(s: SelectConfig) -> dict[str, str]:
+    """Lengths in tokens are counted with the trained model's tokenizer."""
+    return {"tokenizer": "model.base"} if s.length_unit == "tokens" else {}
+
+
 def add(ds: Any, s: SelectConfig, ctx: Context) -> Any:
     """Fused into the read tasks: a cheap, CPU-bound score needs no actors."""
     return in_read_tasks(ds, score_length_batch, ctx.tasks, unit=s.length_unit, tokenizer_path=ctx.resolved.tokenizer)

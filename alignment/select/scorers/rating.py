@@ -128,6 +128,15 @@ def uses_endpoint(s: SelectConfig) -> bool:
     return "rating" in s.scorers and s.rating.backend == "openai"
 
 
+def models(s: SelectConfig) -> dict[str, str]:
+    """The transformers backend's rater is a local model; the openai backend names the endpoint's."""
+    return {"rating_model": "select.rating.model"} if s.rating.backend == "transformers" else {}
+
+
+def endpoint(s: SelectConfig) -> str | None:
+    return "rating" if s.rating.backend == "openai" else None
+
+
 def add(ds: Any, s: SelectConfig, ctx: Context) -> Any:
     """Actors holding the local rater, or tasks sending the endpoint's requests."""
     r = s.rating
