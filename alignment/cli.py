@@ -21,7 +21,8 @@ STAGES = {
     "pref": f"preference tuning (pref.method: {', '.join(METHODS)}; pref.loss_type: the method's TRL "
             "losses) from pref.start_from: the SFT checkpoint pref.sft_step, model.base or model.instruct",
     "generate": "answers of the trained model and of the baseline to the eval prompts",
-    "judge": "pairwise judgement of the trained model against the baseline, in both orders",
+    "judge": "the judge's verdicts on the trained model's answers against the baseline's, by judge.protocol "
+             "(vicuna_pairwise: two 1-10 scores, in both orders)",
     "search": "Ray Tune grid over search.k x sft_step x method x num_pairs, each trial a full pipeline run",
     "report": "Markdown/HTML report with a plot, from the search results",
     "run": "the whole experiment: search (every stage per trial), then the report",
