@@ -25,6 +25,8 @@ STAGES = {
              "(vicuna_pairwise: two 1-10 scores, in both orders)",
     "search": "Ray Tune grid over search.k x sft_step x method x num_pairs, each trial a full pipeline run",
     "report": "Markdown/HTML report with a plot, from the search results",
+    "evaluate": "lm-eval benchmarks (evaluate.benchmarks: lm-eval tasks, BIG-bench JSON tasks, presets) of each of "
+                "evaluate.models (checkpoints, registry names, hub ids), each in its own stage directory",
     "run": "the whole experiment: search (every stage per trial), then the report",
 }
 
@@ -36,7 +38,7 @@ def _print(obj: Any) -> None:
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     keep = ("stage", "label", "dir", "status", "skipped", "counts", "outputs")
     out = {k: manifest[k] for k in keep if k in manifest}
-    if manifest.get("stage") == "judge":
+    if manifest.get("stage") in ("judge", "evaluate/benchmarks"):
         out["metrics"] = manifest["metrics"]
     return out
 
@@ -62,6 +64,8 @@ def _stage(name: str, cfg) -> Any:
         return p.run_search(cfg)
     if name == "report":
         return p.report_only(cfg)
+    if name == "evaluate":
+        return [_summary(m) for m in p.evaluate_models(cfg)]
     if name == "run":
         out = p.run_experiment(cfg)
         return {"report": out["report"], "results": out["results"]}

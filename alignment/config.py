@@ -453,13 +453,27 @@ class GenerateConfig(GenerationConfig):
 
 # Written out for readable errors and the JSON schema; tests/evaluate/test_judges.py checks it equals the judges'
 # table (alignment.evaluate.JUDGES), which config.py, a foundation, cannot import.
-JudgeProtocol = Literal["vicuna_pairwise"]
+JudgeProtocol = Literal["vicuna_pairwise", "pair_v2", "mt_bench"]
+# The protocols whose prompts come from judge.prompts (FastChat's judge_prompts.jsonl).
+PROMPTS_PROTOCOLS = ("pair_v2", "mt_bench")
 
 
 class JudgeConfig(EndpointConfig):
     protocol: JudgeProtocol = Field(
         "vicuna_pairwise", description="The judging protocol. vicuna_pairwise: the Vicuna/Long-Is-More pairwise "
-        "prompt, two 1-10 scores, both orders, combined by judge.rule.",
+        "prompt, two 1-10 scores, both orders, combined by judge.rule; pair_v2: FastChat's pair-v2 prompt "
+        "(from judge.prompts), [[A]]/[[B]]/[[C]] in both orders, orders that disagree are a tie; mt_bench: "
+        "FastChat's MT-Bench single-answer grading (single-v1, single-math-v1 with judge.references, and their "
+        "multi-turn variants) of the target's and the baseline's answers, 1-10 per turn.",
+    )
+    references: str | None = Field(
+        None, description="mt_bench: FastChat's reference answers (a model_answer JSONL, reference_answer/gpt-4.jsonl) "
+        "that the math, reasoning and coding questions are graded against; a question of those without one is "
+        "an error.",
+    )
+    prompts: str | None = Field(
+        None, description="FastChat's judge_prompts.jsonl (fastchat/llm_judge/data), the judge prompt texts: needed "
+        "by pair_v2.",
     )
     backend: Literal["local", "openai"] = Field(
         "local", description="local: a model through the generation backend of judge.generate; openai: an "
@@ -491,6 +505,18 @@ class JudgeConfig(EndpointConfig):
         "only the failed requests. An unparsed judgement is not a failure.",
     )
 
+    @model_validator(mode="after")
+    def _prompts_file(self) -> JudgeConfig:
+        # pair_v2's prompt texts live only in FastChat's file, never in this repository: without it there is
+        # nothing to send, and no default would be the published prompt.
+        if self.protocol in PROMPTS_PROTOCOLS and not self.prompts:
+            raise ValueError(f"judge.prompts: judge.protocol {self.protocol} reads its prompts from FastChat's "
+                             "judge_prompts.jsonl; set judge.prompts to that file")
+        if self.references and self.protocol != "mt_bench":
+            raise ValueError(f"judge.references has no effect with judge.protocol {self.protocol}; only mt_bench "
+                             "grades against reference answers")
+        return self
+
     def generation(self, default: GenerateConfig) -> GenerateConfig:
         """The local judge's generation settings: ``judge.generate``, else ``default`` (the generate section's),
         with the judge's own ``max_new_tokens``."""
@@ -509,10 +535,15 @@ class SearchConfig(_Strict):
     num_pairs: list[int] | None = Field(
         None, description="Preference training-set sizes to try (nested seeded subsets); default: [pref.num_pairs].",
     )
-    # Each one a metric the judges declare (alignment.evaluate.JUDGES; tests/evaluate/test_judges.py checks).
-    metric: Literal["win_rate", "score"] = Field(
-        "win_rate", description="The judge's number the search maximises. win_rate: wins / valid prompts; score: "
-        "(wins + ties/2) / valid prompts.",
+    # Each one a metric the judges or the held-out evaluation declare (alignment.evaluate.JUDGES,
+    # evaluate.heldout.METRICS; tests/evaluate/test_judges.py checks).
+    metric: Literal["win_rate", "score", "win_rate_adjusted", "pref_accuracy", "pref_margin", "mt_bench"] = Field(
+        "win_rate", description="The number the search maximises. win_rate: wins / valid prompts; score: "
+        "(wins + ties/2) / valid prompts (the judge's); win_rate_adjusted: pair_v2's (wins + ties/2) / valid "
+        "prompts, FastChat's; pref_accuracy: the share of held-out preference pairs "
+        "(pref.eval_rows) whose chosen answer gets the larger implicit reward log pi - log ref (the weights "
+        "preference tuning started from); pref_margin: the mean of chosen minus rejected reward there; "
+        "mt_bench: the trained model's MT-Bench score (mean 1-10 rating over the rated turns).",
     )
 
     @field_validator("k", "num_pairs")
@@ -572,6 +603,92 @@ class ResourcesConfig(_Strict):
         return v
 
 
+# Written out for validation here (config.py, a foundation, cannot import alignment.evaluate);
+# tests/evaluate/test_benchmarks.py checks they equal alignment.evaluate.benchmarks.PRESETS.
+BENCHMARK_PRESETS = ("open_llm_v1", "openbookqa", "bbh", "alignment_studies")
+
+
+class BenchmarksConfig(_Strict):
+    """lm-eval benchmarks (alignment.evaluate.benchmarks): every number is recorded with these settings."""
+
+    tasks: list[str] = Field(
+        default_factory=list, description="What to run: lm-eval task or group names (arc_challenge, mmlu, a task of "
+        "include_path), bigbench:<path> (a BIG-bench JSON task, .json or .json.gz, run offline as a multiple-choice "
+        "task), or preset:<name>: open_llm_v1 (the Open LLM Leaderboard v1 tasks and few-shot counts), openbookqa, "
+        "bbh (causal_judgement, sports_understanding, formal_fallacies), alignment_studies (all of them).",
+    )
+    include_path: list[str] = Field(
+        default_factory=list, description="Directories of custom lm-eval task YAMLs (lm-eval's include_path)."
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples for every task, presets included; default: each task's own "
+        "(the preset's, else the task YAML's, else 0).",
+    )
+    limit: int | float | None = Field(
+        None, gt=0, description="Only the first N examples of each task (a fraction below 1: that share); for "
+        "tests and smoke runs, never for reported numbers.",
+    )
+    apply_chat_template: bool = Field(
+        False, description="Wrap prompts in the model's chat template (the leaderboards' v1 numbers are without).",
+    )
+    fewshot_as_multiturn: bool = Field(
+        True, description="With the chat template: each few-shot example as its own user/assistant turn "
+        "(false: all in one user turn).",
+    )
+    system_instruction: str | None = Field(None, description="A system prompt before every prompt.")
+    model_type: Literal["hf", "vllm"] = Field(
+        "hf", description="lm-eval's model backend: hf (transformers, CPU or GPU) or vllm (GPU, the vllm extra).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype (auto: the checkpoint's). CPUs without bf16 units want float32.",
+    )
+    batch_size: int | Literal["auto"] = Field(8, description="Requests per forward pass (auto: lm-eval finds it).")
+    model_args: dict[str, Any] = Field(
+        default_factory=dict, description="More lm-eval model arguments (max_length, trust_remote_code, "
+        "gpu_memory_utilization for vllm, ...).",
+    )
+    device: str | None = Field(None, description="hf backend: torch device; default: cuda with num_gpus, else cpu.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs of the Ray task that evaluates one model.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of the Ray task that evaluates one model.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_specs(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            kind, _, rest = spec.partition(":")
+            if not spec.strip():
+                raise ValueError("a task name is empty")
+            if kind == "preset" and rest not in BENCHMARK_PRESETS:
+                raise ValueError(f"unknown preset {rest!r} in {spec!r}; known: {', '.join(BENCHMARK_PRESETS)}")
+            if kind == "bigbench" and not rest.strip():
+                raise ValueError(f"{spec!r} names no file: bigbench:<path to a BIG-bench JSON task>")
+        return v
+
+    @field_validator("model_args")
+    @classmethod
+    def _own_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # The model and its dtype have their own keys: one place each, recorded with every number.
+        taken = sorted({"pretrained", "dtype"} & set(v))
+        if taken:
+            raise ValueError(f"{taken[0]} has its own key (the model evaluated; evaluate.benchmarks.dtype)")
+        return v
+
+
+class EvaluateConfig(_Strict):
+    """``alignment evaluate``: the models evaluate.benchmarks runs on, each in its own stage directory."""
+
+    models: list[str] = Field(
+        default_factory=list, description="Models to evaluate: checkpoints (local paths or cloud URIs), registry names "
+        "(`alignment models list`) or Hugging Face ids.",
+    )
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     run_dir: str = Field("runs/experiment", description="Outputs and manifests of every stage go here.")
@@ -585,6 +702,7 @@ class ExperimentConfig(_Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     # Where the YAML came from; relative data paths resolve against the current directory.
     source: str | None = Field(None, exclude=True)
@@ -778,7 +896,7 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         d.eval_prompts = _abs(d.eval_prompts)
     cfg.run_dir = _abs(cfg.run_dir)
     sel = cfg.select
-    for section, key in ((cfg.model, "base"), (cfg.judge, "model"), (cfg.judge, "baseline"),
+    for section, key in ((cfg.model, "base"), (cfg.model, "instruct"), (cfg.judge, "model"), (cfg.judge, "baseline"),
                          (sel.deita, "complexity_model"), (sel.deita, "quality_model"), (sel.rating, "model"),
                          (sel.embedding, "model")):
         value = getattr(section, key)
@@ -786,8 +904,16 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
             setattr(section, key, _abs(value))
     if cfg.model.chat_template:
         cfg.model.chat_template = _abs(cfg.model.chat_template)
+    if cfg.judge.prompts:
+        cfg.judge.prompts = _abs(cfg.judge.prompts)
+    if cfg.judge.references:
+        cfg.judge.references = _abs(cfg.judge.references)
     if cfg.resources.storage_path:
         cfg.resources.storage_path = _abs(cfg.resources.storage_path)
+    bench = cfg.evaluate.benchmarks
+    bench.tasks = [f"bigbench:{_abs(t.split(':', 1)[1])}" if t.startswith("bigbench:") else t for t in bench.tasks]
+    bench.include_path = [_abs(p) for p in bench.include_path]
+    cfg.evaluate.models = [_abs(m) if _looks_local(m) else m for m in cfg.evaluate.models]
     return cfg
 
 

@@ -679,6 +679,23 @@ def normalise_eval_prompt(row: Any) -> list[dict[str, str]]:
     raise RowError("(format)", f"no prompt field among {sorted(row)[:10]}")
 
 
+def eval_prompt_turns(row: dict[str, Any]) -> dict[str, Any]:
+    """``{question_turns, category}`` of an MT-Bench-format row (``{question_id, category, turns}``, the row
+    :func:`normalise_eval_prompt` reads by its ``turns``), else ``{}``.
+
+    Every user turn is kept: the generate stage asks turn k after the model's own answers to the turns before
+    it (Zheng et al. 2023). The category is required: it sets the sampling temperature and the judge prompt,
+    and neither has a right default.
+    """
+    if any(key in row for key in ("messages", "text", "prompt", "Instruction", "instruction")) or "turns" not in row:
+        return {}
+    turns = [_text(t, f"turns[{i}]") for i, t in enumerate(row["turns"])]
+    if "category" not in row:
+        raise RowError("category", "an MT-Bench-format row (turns) needs its category: it sets the sampling "
+                       "temperature and the judge prompt")
+    return {"question_turns": turns, "category": _text(row["category"], "category")}
+
+
 # ------------------------------------------------------------------------------------------- reading
 
 
@@ -711,7 +728,7 @@ def read_shard(shard: Shard, kind: str, fmt: str = "auto", only: set[int] | None
     normalise = {
         "sft": lambda r, f: {"messages": normalise_sft(r, f)},
         "preference": normalise_preference,
-        "eval": lambda r, f: {"messages": normalise_eval_prompt(r)},
+        "eval": lambda r, f: {"messages": normalise_eval_prompt(r), **eval_prompt_turns(r)},
     }[kind]
     for index, raw in iter_raw(shard, only):
         base = {"source": shard.path, "row": index}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import pyarrow.parquet as pq
 from . import endpoints, formats, models, report, search, select, train
 from .config import DEFAULT_SENTENCE_MODEL, ConfigError, ExperimentConfig, ResourcesConfig, config_dict
 from .errors import AlignmentError
-from .evaluate import COUNTS, JUDGES, generate
+from .evaluate import COUNTS, JUDGES, METRICS, benchmarks, generate, heldout
+from .evaluate.generate import category_temperature, generate_turns
 from .manifest import digest, fingerprint, run_stage, write_json
 
 log = logging.getLogger("alignment")
@@ -226,7 +228,7 @@ def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
     conf = {"method": method, "settings": settings, "save_steps": save_steps, "num_pairs": num_pairs,
             "eval_rows": p.eval_rows, "format": cfg.data.preferences_format, "start": start_info,
             "chat_template": cfg.model.chat_template, "num_workers": res.num_workers, "use_gpu": res.use_gpu,
-            "strategy": res.strategy}
+            "strategy": res.strategy, "heldout": list(heldout.METRICS)}
     files = _files(cfg.data.preferences, "preferences", cfg.run_dir)
     inputs = {**files, "start": fingerprint(start)}
 
@@ -243,16 +245,32 @@ def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
             raise PipelineError(f"{e} ({cfg.data.preferences}: {len(pairs)} usable rows, {len(aside)} set aside: "
                                 f"{_reasons(aside)})") from None
         run = _fit(cfg, d, method, used, held, start, settings, save_steps, res)
+        scores = _heldout(cfg, run["checkpoints"][-1]["path"], start, held)
         return {
             "outputs": {"model": run["checkpoints"][-1]["path"], "start": start_info,
                         "set_aside": str(d / "set_aside.jsonl"), **_training_outputs(d, run)},
             "counts": {"pairs_read": len(pairs) + len(aside), "pairs_kept": len(pairs), "pairs_set_aside": len(aside),
                        "set_aside_reasons": _reasons(aside), "pairs_used": len(used), "pairs_eval": len(held),
                        "pairs_unused": len(pairs) - len(used) - len(held)},
-            "metrics": {"final": run["checkpoints"][-1]["metrics"], "params": params, **run["facts"]},
+            "metrics": {"final": run["checkpoints"][-1]["metrics"], "params": params, "heldout": scores,
+                        **run["facts"]},
         }
 
     return run_stage(cfg.run_dir, "pref", label, conf, inputs, work)
+
+
+def _heldout(cfg: ExperimentConfig, policy: str, reference: str, held: list[dict]) -> dict[str, Any]:
+    """Held-out preference accuracy and margin of the trained model against the weights it started from, on the
+    stage's held-out rows, in a Ray task with a training worker's resources (its GPU, where it has one)."""
+    import ray
+
+    rows = [{k: r[k] for k in _TRAIN_KEYS if k in r} for r in held]
+    res, max_length = cfg.resources, cfg.pref.max_length
+    if not any("chosen" in r for r in rows):  # nothing to load the models for
+        return heldout.heldout(policy, reference, rows, max_length)
+    task = ray.remote(heldout.heldout).options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
+    return ray.get(task.remote(policy, reference, rows, max_length, cfg.model.chat_template, res.use_gpu,
+                               res.cpus_per_worker))
 
 
 def eval_prompts(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
@@ -265,11 +283,31 @@ def eval_prompts(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
     return (good[:n] if n else good), bad
 
 
+def _turns_prompt(r: dict) -> dict:
+    """What :func:`generate_turns` asks of an eval row: its prompt, and for an MT-Bench row (``question_turns``)
+    the later turns at its category's temperature."""
+    if "question_turns" not in r:
+        return {"id": r["id"], "messages": r["messages"]}
+    return {"id": r["id"], "messages": r["messages"], "next_turns": r["question_turns"][1:],
+            "temperature": category_temperature(r["category"])}
+
+
+def _answer_row(r: dict, o: dict) -> dict:
+    """An answers.jsonl row. ``answer`` is turn 1's, the answer to ``messages`` that the single-turn judges read;
+    an MT-Bench row adds its ``category``, ``question_turns``, ``turns`` (the answer to each) and their lengths."""
+    row = {"id": r["id"], "messages": r["messages"], "answer": o["turns"][0], "num_new_tokens": o["num_new_tokens"][0]}
+    if "question_turns" in r:
+        row.update(category=r["category"], question_turns=r["question_turns"], turns=o["turns"],
+                   turns_new_tokens=o["num_new_tokens"], temperature=category_temperature(r["category"]))
+    return row
+
+
 def generate_stage(cfg: ExperimentConfig, model: str, label: str) -> dict[str, Any]:
     """Answers of ``model`` (a resolved path, URI or hub id) to the eval prompts."""
     g = cfg.generate
+    # The seed: MT-Bench's sampled categories draw from it (greedy answers do not depend on it).
     conf = {"backend": g.backend, "max_new_tokens": g.max_new_tokens, "max_eval_prompts": cfg.data.max_eval_prompts,
-            "model": model}
+            "model": model, "seed": cfg.seed}
     prompt_files = _files([cfg.data.eval_prompts] if cfg.data.eval_prompts else [], "eval_prompts", cfg.run_dir)
     # One file: its fingerprint, as before; a directory or glob: its files' (never the run's own outputs).
     prompts_fp = (prompt_files[cfg.data.eval_prompts] if list(prompt_files) == [cfg.data.eval_prompts]
@@ -278,9 +316,8 @@ def generate_stage(cfg: ExperimentConfig, model: str, label: str) -> dict[str, A
 
     def work(d: Path) -> dict[str, Any]:
         prompts, bad = eval_prompts(cfg)
-        out = generate(model, [{"id": r["id"], "messages": r["messages"]} for r in prompts], g)
-        rows = [{"id": r["id"], "messages": r["messages"], "answer": o["answer"], "num_new_tokens": o["num_new_tokens"]}
-                for r, o in zip(prompts, out)]
+        out = generate_turns(model, [_turns_prompt(r) for r in prompts], g, cfg.seed, generate_fn=generate)
+        rows = [_answer_row(r, o) for r, o in zip(prompts, out, strict=True)]
         _write_jsonl(d / "answers.jsonl", rows)
         _write_jsonl(d / "set_aside.jsonl", bad)
         lengths = [r["num_new_tokens"] for r in rows]
@@ -340,6 +377,10 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
     conf["judge_model"] = judge_model
     inputs = {"target": fingerprint(target["outputs"]["answers"]),
               "baseline": fingerprint(baseline["outputs"]["answers"])}
+    if j.prompts:  # the prompt texts, not only their file's name: an edited file is another judge
+        inputs["prompts"] = fingerprint(j.prompts)
+    if j.references:  # likewise the reference answers mt_bench grades against
+        inputs["references"] = fingerprint(j.references)
     gen = j.generation(cfg.generate)
     if j.backend == "local":
         conf["generation_backend"] = gen.backend
@@ -347,11 +388,16 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
 
     def work(d: Path) -> dict[str, Any]:
         t_rows = _read_jsonl(target["outputs"]["answers"])
-        b = {r["id"]: r["answer"] for r in _read_jsonl(baseline["outputs"]["answers"])}
-        missing = [r["id"] for r in t_rows if r["id"] not in b]
+        b_rows = {r["id"]: r for r in _read_jsonl(baseline["outputs"]["answers"])}
+        missing = [r["id"] for r in t_rows if r["id"] not in b_rows]
         if missing:
             raise PipelineError(f"baseline answers lack prompts {missing[:5]}")
-        requests = kind.build(t_rows, {r["id"]: r["answer"] for r in t_rows}, b, j)
+        # A protocol that grades every turn gets the answer rows (per-turn answers); the others the answer texts.
+        if kind.answer_rows:
+            requests = kind.build(t_rows, {r["id"]: r for r in t_rows}, b_rows, j)
+        else:
+            requests = kind.build(t_rows, {r["id"]: r["answer"] for r in t_rows},
+                                  {i: r["answer"] for i, r in b_rows.items()}, j)
         msgs = [{"id": r["id"], "messages": r["messages"]} for r in requests]
         requested: dict[str, Any] = {}
         if j.backend == "local":
@@ -369,20 +415,60 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
     return run_stage(cfg.run_dir, "judge", target["label"], conf, inputs, work)
 
 
+def _model_label(name: str) -> str:
+    """A directory-safe label of a model name, path or URI: its last part."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rstrip("/").rsplit("/", 1)[-1]).strip("-") or "model"
+
+
+def benchmarks_stage(cfg: ExperimentConfig, model: str) -> dict[str, Any]:
+    """lm-eval on ``model`` (a checkpoint, registry name or hub id) as ``evaluate.benchmarks`` says, in a Ray task:
+    ``results.json`` (every number with its settings) in ``<run_dir>/evaluate/benchmarks/<model>-<key>/``."""
+    b = cfg.evaluate.benchmarks
+    path = models.resolve(model)
+    # Resources and batch size do not change the numbers; everything else is the key.
+    conf = {"model": model, **{k: v for k, v in config_dict(b).items()
+                               if k not in ("num_cpus", "num_gpus", "batch_size")}}
+    files = [t[len(benchmarks.BIGBENCH):] for t in b.tasks if t.startswith(benchmarks.BIGBENCH)]
+    inputs = {"model": fingerprint(path), **{f: fingerprint(f) for f in files},
+              **{d: digest({p: fingerprint(p) for p in formats.expand_paths([d])}) for d in b.include_path}}
+
+    def work(d: Path) -> dict[str, Any]:
+        res = benchmarks.evaluate(path, b)
+        write_json(d / "results.json", res)
+        values = {f"{task}/{m}": v["value"] for task, t in res["tasks"].items() for m, v in t["metrics"].items()}
+        return {"outputs": {"results": str(d / "results.json")}, "counts": {"tasks": len(res["tasks"])},
+                "metrics": values}
+
+    return run_stage(cfg.run_dir, "evaluate/benchmarks", _model_label(model), conf, inputs, work)
+
+
+def evaluate_models(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """``alignment evaluate``: each of ``evaluate.models`` through ``evaluate.benchmarks``, one stage each."""
+    if not cfg.evaluate.models:
+        raise ConfigError("evaluate.models is empty: name the checkpoints, registry names or hub ids to evaluate")
+    if not cfg.evaluate.benchmarks.tasks:
+        raise ConfigError("evaluate.benchmarks.tasks is empty: name lm-eval tasks, bigbench:<path> or preset:<name>")
+    return [benchmarks_stage(cfg, m) for m in cfg.evaluate.models]
+
+
 # ------------------------------------------------------------------------------------------ composition
+
+
+def _trained(pref: dict[str, Any]) -> tuple[str, str]:
+    return pref["outputs"]["model"], f"{pref['label']}-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"
 
 
 def trained_model(cfg: ExperimentConfig) -> tuple[str, str]:
     """The preference-tuned model of the config's point (its stages first): its path and its label."""
-    pref = pref_stage(cfg)
-    return pref["outputs"]["model"], f"{pref['label']}-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"
+    return _trained(pref_stage(cfg))
 
 
 def generate_point(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The answers at the config's point: ``{model, target, baseline}``, the trained model's path and the
-    generate manifests of its answers and of the baseline's (the stages before first)."""
-    model, label = trained_model(cfg)
-    return {"model": model, "target": generate_stage(cfg, model, label),
+    """The answers at the config's point: ``{model, pref, target, baseline}``, the trained model's path, its pref
+    manifest and the generate manifests of its answers and of the baseline's (the stages before first)."""
+    pref = pref_stage(cfg)
+    model, label = _trained(pref)
+    return {"model": model, "pref": pref, "target": generate_stage(cfg, model, label),
             "baseline": generate_stage(cfg, baseline_model(cfg), "baseline")}
 
 
@@ -396,7 +482,9 @@ def run_point(cfg: ExperimentConfig) -> dict[str, Any]:
     """select -> sft -> pref -> generate (trained and baseline) -> judge at the config's point (a search trial
     runs it at ``cfg.at(point)``); returns the point's results."""
     point = judge_point(cfg)
-    m = point["judge"]["metrics"]
+    # The judge's summary and the held-out preference metrics (a pref stage from before them has none: null).
+    m = {**dict.fromkeys(heldout.METRICS), **point["pref"]["metrics"].get("heldout", {}),
+         **point["judge"]["metrics"]}
     return {"k": cfg.select.k, "sft_step": cfg.pref.sft_step, "method": cfg.pref.method,
             "num_pairs": cfg.pref.num_pairs, "start_from": cfg.pref.start_from, "metric": m.get(cfg.search.metric),
             **m, "model": point["model"], "judge_dir": point["judge"]["dir"]}
@@ -448,6 +536,9 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
     glob and directory holds files of a known type, every model name is a registry name, a local model, a cloud
     URI or a model of the Hugging Face hub (or its local cache), a chat template file exists and an endpoint's
     URL is set. A typo then fails in a second, naming its key, instead of inside a Ray task minutes later."""
+    if command == "evaluate":
+        _check_evaluate(cfg)
+        return
     if command not in _STAGES and command not in ("search", "run"):
         return  # report reads the search's results only
     stages = set(_STAGES[:_STAGES.index(command) + 1] if command in _STAGES else _STAGES)
@@ -478,6 +569,13 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
             _endpoint_set("judge", cfg.judge.api_base_env, cfg.judge.api_key_env)
         else:
             names["judge.model"] = cfg.judge.model
+        kind = JUDGES[cfg.judge.protocol]
+        if kind.check:
+            kind.check(cfg.judge)
+        # A judge metric this protocol does not report would leave every trial's objective empty.
+        if command in ("search", "run") and cfg.search.metric in METRICS and cfg.search.metric not in kind.metrics:
+            raise ConfigError(f"search.metric: {cfg.search.metric} is not a metric of judge.protocol "
+                              f"{cfg.judge.protocol} ({', '.join(kind.metrics)})")
     template = cfg.model.chat_template
     reads_template = stages & {"sft", "pref"} or ("select" in stages and s.max_tokens is not None)
     if template and reads_template and "://" not in template and not Path(template).is_file():
@@ -492,6 +590,22 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
             models.check(name)
         except models.ModelError as e:
             raise models.ModelError(f"{', '.join(keys)}: {e}") from None
+
+
+def _check_evaluate(cfg: ExperimentConfig) -> None:
+    """``alignment evaluate``'s models exist, and its BIG-bench files and task directories are there."""
+    b = cfg.evaluate.benchmarks
+    for i, name in enumerate(cfg.evaluate.models):
+        try:
+            models.check(name)
+        except models.ModelError as e:
+            raise models.ModelError(f"evaluate.models[{i}]: {e}") from None
+    for t in b.tasks:
+        if t.startswith(benchmarks.BIGBENCH) and not Path(t[len(benchmarks.BIGBENCH):]).is_file():
+            raise ConfigError(f"evaluate.benchmarks.tasks: {t}: file not found")
+    for d in b.include_path:
+        if not Path(d).is_dir():
+            raise ConfigError(f"evaluate.benchmarks.include_path: {d} is not a directory")
 
 
 def _check_data(key: str, patterns: list[str], run_dir: str) -> None:

@@ -10,8 +10,11 @@ from typing import Any
 
 from .evaluate import JUDGES
 
-# The grid point's columns; the judge's own follow, as its entry in JUDGES declares them.
+# The grid point's columns; the judge's own follow, as its entry in JUDGES declares them, then the held-out
+# preference metrics where the points have them.
 POINT_COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs")]
+HELDOUT_COLUMNS = [("pref_accuracy", "held-out pref. accuracy"), ("pref_margin", "held-out margin")]
+TITLES = {"pref_accuracy": "held-out preference accuracy", "pref_margin": "held-out implicit-reward margin"}
 
 
 def _varied(results: list[dict]) -> set[str]:
@@ -23,7 +26,8 @@ def _columns(results: list[dict], protocol: str) -> list[tuple[str, str]]:
     """The table's columns: method and pairs only where the search varied them, then the judge's."""
     varied = _varied(results)
     point = [(k, n) for k, n in POINT_COLUMNS if k not in ("method", "num_pairs") or k in varied]
-    return point + list(JUDGES[protocol].columns)
+    held = [c for c in HELDOUT_COLUMNS if any(r.get(c[0]) is not None for r in results)]
+    return point + list(JUDGES[protocol].columns) + held
 
 
 def _point(r: dict, sep: str = ", ") -> str:
@@ -75,13 +79,14 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
     ax.set_xticks(range(len(steps)), [str(s) for s in steps])
     ax.set_xlabel("SFT checkpoint step that preference tuning starts from")
     ax.set_ylabel(metric.replace("_", " "))
-    ax.set_ylim(-0.02, 1.02)
+    if metric != "pref_margin":  # a rate; the margin is a log-probability difference, unbounded
+        ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
     else:
-        ax.text(0.5, 0.5, "no valid judgements", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{metric.replace('_', ' ')} against the baseline")
+        ax.text(0.5, 0.5, f"no point has a {metric}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(TITLES.get(metric, f"{metric.replace('_', ' ')} against the baseline"))
 
     flat = len(results) > 4  # more than four bars lie on their side, one line each, so long labels stay readable
     labels = bar_labels(results, ", " if flat else "\n")
@@ -131,6 +136,9 @@ def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dic
     ]
     if best:
         intro.append(f"Best by {metric}: {_point(best)} ({_fmt(best['metric'])}).")
+    elif metric in TITLES:
+        why = next((r["heldout_reason"] for r in results if r.get("heldout_reason")), "see the pref manifests")
+        intro.append(f"No point has a {metric}: {why}.")
     else:
         intro.append(f"No point has a valid {metric}: every judgement was unparsed or failed.")
 

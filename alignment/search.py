@@ -22,12 +22,14 @@ from typing import Any
 from .config import ExperimentConfig
 from .errors import RUN_FAILED, AlignmentError, unwrap
 from .evaluate import SUMMARY_KEYS
+from .evaluate.heldout import KEYS as HELDOUT_KEYS
 
 log = logging.getLogger("alignment")
 
 # What a trial's result keeps from the point's metrics (plus every ``*_rate``): the point, and every judge's
 # settings, counts and metrics as the judges' table declares them (a new judge adds its own there).
-_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", *SUMMARY_KEYS, "model", "judge_dir")
+_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", *SUMMARY_KEYS, *HELDOUT_KEYS, "model",
+         "judge_dir")
 
 
 # The credentials Ray Tune copies from the driver's environment into each trial's runtime_env, which Ray's

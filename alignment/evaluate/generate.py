@@ -5,13 +5,18 @@ Backends (``GenerateConfig.backend``):
 - ``vllm`` (optional extra, GPU): Ray Data LLM's ``vLLMEngineProcessorConfig`` + ``build_processor``.
 
 Every backend takes ``[{"id", "messages"}]`` and returns ``[{"id", "answer", "num_new_tokens"}]`` in the
-input order. Decoding is greedy. An OpenAI-compatible endpoint is not a backend here: the judge's ``openai``
-backend sends its requests through ``alignment.endpoints.complete_openai``.
+input order. Decoding is greedy, unless a prompt carries a ``temperature`` above 0 and its ``seed``: then it is
+sampled at that temperature, seeded per prompt, so a re-run gives the same answers whatever the batches.
+:func:`generate_turns` answers multi-turn prompts (MT-Bench), one ``generate`` call per turn. An
+OpenAI-compatible endpoint is not a backend here: the judge's ``openai`` backend sends its requests through
+``alignment.endpoints.complete_openai``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
 
 from ..config import GenerateConfig
 from ..endpoints import GenerationError
@@ -38,9 +43,49 @@ class HFGenerator:
         from .. import models
 
         rows = batch.to_pylist()
-        answers, counts = models.greedy_generate(self.model, self.tok, [r["messages"] for r in rows],
-                                                 self.max_new_tokens)
-        return pa.table({"id": [r["id"] for r in rows], "answer": answers, "num_new_tokens": counts})
+        greedy = [r for r in rows if not r["temperature"]]
+        answers, counts = models.greedy_generate(self.model, self.tok, [r["messages"] for r in greedy],
+                                                 self.max_new_tokens) if greedy else ([], [])
+        out = dict(zip([r["id"] for r in greedy], zip(answers, counts, strict=True), strict=True))
+        for r in rows:
+            if r["temperature"]:
+                out[r["id"]] = sample_one(self.model, self.tok, r["messages"], self.max_new_tokens, r["temperature"],
+                                          r["seed"])
+        return pa.table({"id": [r["id"] for r in rows], "answer": [out[r["id"]][0] for r in rows],
+                         "num_new_tokens": [out[r["id"]][1] for r in rows]})
+
+
+def sample_one(model, tok, messages: list[dict], max_new_tokens: int, temperature: float,
+               seed: int) -> tuple[str, int]:
+    """One sampled answer, as FastChat's gen_model_answer samples (``do_sample`` at ``temperature``, the model's
+    other generation defaults), with the torch RNG seeded by ``seed`` alone. One prompt a call: in a batch,
+    a prompt's draws would depend on the prompts beside it."""
+    import torch
+
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = tok([text], return_tensors="pt", add_special_tokens=False).to(model.device)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                             pad_token_id=tok.pad_token_id)
+    ids = out[0, enc["input_ids"].shape[1]:].tolist()
+    n = len(ids)
+    for stop in (tok.eos_token_id, tok.pad_token_id):
+        if stop is not None and stop in ids:
+            n = min(n, ids.index(stop) + 1)
+    return tok.decode(ids[:n], skip_special_tokens=True).strip(), n
+
+
+def _sampling(p: dict) -> dict:
+    """A prompt's sampling columns: ``temperature`` (0: greedy) and the ``seed`` a sampled prompt must carry."""
+    temperature = float(p.get("temperature") or 0.0)
+    if temperature < 0:
+        raise GenerationError(f"prompt {p['id']}: temperature {temperature} is negative")
+    if temperature and not isinstance(p.get("seed"), int):
+        raise GenerationError(f"prompt {p['id']}: temperature {temperature} needs an integer seed (a re-run must "
+                              "give the same answers)")
+    return {"temperature": temperature, "seed": int(p.get("seed") or 0)}
 
 
 def _ordered(prompts: list[dict], out: list[dict]) -> list[dict]:
@@ -56,7 +101,7 @@ def _generate_transformers(model: str, prompts: list[dict], g: GenerateConfig) -
 
     # Similar lengths together: less padding per batch.
     order = sorted(prompts, key=lambda p: sum(len(m["content"]) for m in p["messages"]))
-    ds = ray.data.from_items([{"id": p["id"], "messages": p["messages"]} for p in order])
+    ds = ray.data.from_items([{"id": p["id"], "messages": p["messages"], **_sampling(p)} for p in order])
     ds = ds.map_batches(
         HFGenerator,
         fn_constructor_kwargs={"model_path": model, "max_new_tokens": g.max_new_tokens,
@@ -81,19 +126,26 @@ def _generate_vllm(model: str, prompts: list[dict], g: GenerateConfig) -> list[d
         batch_size=g.batch_size,
     )
     max_tokens = g.max_new_tokens
+
+    def params(row: dict) -> dict:
+        # vLLM seeds each sampled request on its own: the same answers whatever the batches.
+        if not row["temperature"]:
+            return {"temperature": 0.0, "max_tokens": max_tokens}
+        return {"temperature": row["temperature"], "max_tokens": max_tokens, "seed": row["seed"]}
+
     processor = build_processor(
         config,
-        preprocess=lambda row: {"id": row["id"], "messages": row["messages"],
-                                "sampling_params": {"temperature": 0.0, "max_tokens": max_tokens}},
+        preprocess=lambda row: {"id": row["id"], "messages": row["messages"], "sampling_params": params(row)},
         postprocess=lambda row: {"id": row["id"], "answer": row["generated_text"].strip(),
                                  "num_new_tokens": int(row.get("num_generated_tokens") or 0)},
     )
-    ds = ray.data.from_items([{"id": p["id"], "messages": p["messages"]} for p in prompts])
+    ds = ray.data.from_items([{"id": p["id"], "messages": p["messages"], **_sampling(p)} for p in prompts])
     return _ordered(prompts, processor(ds).take_all())
 
 
 def generate(model: str, prompts: list[dict], g: GenerateConfig) -> list[dict]:
-    """Answers of ``model`` for ``prompts`` (``[{"id", "messages"}]``) with ``g``'s backend, in input order."""
+    """Answers of ``model`` for ``prompts`` (``[{"id", "messages"}]``, optionally ``temperature`` and ``seed``)
+    with ``g``'s backend, in input order."""
     if not prompts:
         return []
     ids = [p["id"] for p in prompts]
@@ -110,3 +162,51 @@ def generate(model: str, prompts: list[dict], g: GenerateConfig) -> list[dict]:
                                   "pip install 'alignment[vllm]'") from e
         return _generate_vllm(model, prompts, g)
     raise GenerationError(f"unknown generation backend {backend!r}")
+
+
+# ------------------------------------------------------------------------------------------ MT-Bench generation
+
+# FastChat's temperature_config (fastchat/llm_judge/common.py): the sampling temperature of an MT-Bench category,
+# 0 meaning greedy; gen_model_answer.py samples at 0.7 a category not in it.
+MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+OTHER_CATEGORY_TEMPERATURE = 0.7
+
+
+def category_temperature(category: str) -> float:
+    return MT_BENCH_TEMPERATURES.get(category, OTHER_CATEGORY_TEMPERATURE)
+
+
+def turn_seed(seed: int, prompt_id: str, turn: int) -> int:
+    """The sampling seed of one turn of one prompt: a hash of the experiment's seed, the id and the turn."""
+    digest = hashlib.sha256(f"{seed}\0{prompt_id}\0{turn}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def generate_turns(model: str, rows: list[dict], g: GenerateConfig, seed: int,
+                   generate_fn: Callable[[str, list[dict], GenerateConfig], list[dict]] | None = None) -> list[dict]:
+    """Answers to every user turn of ``rows``, in input order: ``[{"id", "turns": [answer per turn],
+    "num_new_tokens": [per turn]}]``. A row is ``{"id", "messages"}`` (turn 1's prompt), with ``next_turns``
+    (the later user turns' texts) and ``temperature`` (default greedy) where it has them.
+
+    As FastChat's gen_model_answer: turn k is asked in the same conversation, after the model's own answers to
+    turns 1..k-1, at the row's temperature. One ``generate`` call per turn, over the rows that have that turn,
+    each turn seeded by :func:`turn_seed`. ``generate_fn``: the generation function (default :func:`generate`).
+    """
+    run = generate_fn or generate
+    asked: dict[str, list[dict]] = {r["id"]: r["messages"] for r in rows}
+    answers: dict[str, list[str]] = {r["id"]: [] for r in rows}
+    tokens: dict[str, list[int]] = {r["id"]: [] for r in rows}
+    turn, todo = 1, rows
+    while todo:
+        prompts = [{"id": r["id"], "messages": asked[r["id"]], "temperature": r.get("temperature", 0.0),
+                    "seed": turn_seed(seed, r["id"], turn)} for r in todo]
+        for p, out in zip(prompts, run(model, prompts, g), strict=True):
+            answers[p["id"]].append(out["answer"])
+            tokens[p["id"]].append(out["num_new_tokens"])
+        todo = [r for r in todo if len(r.get("next_turns", ())) >= turn]
+        for r in todo:
+            asked[r["id"]] = [*asked[r["id"]], {"role": "assistant", "content": answers[r["id"]][-1]},
+                              {"role": "user", "content": r["next_turns"][turn - 1]}]
+        turn += 1
+    return [{"id": r["id"], "turns": answers[r["id"]], "num_new_tokens": tokens[r["id"]]} for r in rows]

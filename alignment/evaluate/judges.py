@@ -1,10 +1,10 @@
 """The judges: one entry per judging protocol, with what the judge stage, the search and the report need from it.
 
-The judge stage builds the requests with ``build`` (the questions, the target's and the baseline's answers by
-id, and the judge section), has the judge model answer them (a local model through ``generate``, or an
-OpenAI-compatible endpoint), and turns the answers, aligned with the requests, into per-item verdicts and a
-summary with ``score``. Every protocol keeps the same contract, which tests/evaluate/test_judges.py checks on
-every entry:
+The judge stage builds the requests with ``build`` (the questions, the target's and the baseline's answers by id:
+their texts, or their answers.jsonl rows for an entry with ``answer_rows``; and the judge section), has the judge
+model answer them (a local model through ``generate``, or an OpenAI-compatible endpoint), and turns the answers,
+aligned with the requests, into per-item verdicts and a summary with ``score``. Every protocol keeps the same
+contract, which tests/evaluate/test_judges.py checks on every entry:
 
 - each request is ``{"id", "messages", ...}`` with a unique ``id``; each answer ``{"answer", "error"?}``;
 - a judgement that cannot be parsed, or that failed at the endpoint, is counted (``unparsed_judgements``,
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import pairwise
+from . import mt_bench, pair_v2, pairwise
 
 if TYPE_CHECKING:
     from ..config import JudgeConfig
@@ -44,6 +44,12 @@ class Judge:
     columns: tuple[tuple[str, str], ...]  # the report's table: (summary key, heading)
     describe: Callable[[dict[str, Any]], str]  # the judge section (a dict) -> how it judges, for the report
     note: str  # the report's line on what the rates are over
+    # The judge section -> None, or an InputError naming the key: reads the files the protocol needs (its prompts),
+    # run by the pipeline's preflight so that a bad file fails before Ray starts.
+    check: Callable[[JudgeConfig], None] | None = None
+    # True: ``build`` gets the answers as id -> the generate stage's answers.jsonl row (per-turn answers, category),
+    # not id -> answer text; a protocol that grades every turn needs them.
+    answer_rows: bool = False
 
 
 JUDGES: dict[str, Judge] = {
@@ -58,6 +64,36 @@ JUDGES: dict[str, Judge] = {
                  ("score", "score"), ("order_disagreement_rate", "orders disagree")),
         describe=pairwise.describe,
         note="Rates are over valid prompts (both orders parsed); *invalid* counts prompts with an unparsed judgement.",
+    ),
+    "pair_v2": Judge(
+        build=pair_v2.requests_for,
+        score=pair_v2.score_for,
+        metrics=("win_rate", "tie_rate", "loss_rate", "win_rate_adjusted", "order_disagreement_rate"),
+        counts=("prompts", "valid", "win", "tie", "loss", "invalid", "judgements", "unparsed_judgements",
+                "failed_judgements"),
+        settings=("judge_prompt",),
+        columns=(("win", "win"), ("tie", "tie"), ("loss", "loss"), ("invalid", "invalid"), ("win_rate", "win rate"),
+                 ("win_rate_adjusted", "win rate adjusted"), ("order_disagreement_rate", "orders disagree")),
+        describe=pair_v2.describe,
+        note="Rates are over valid prompts (a verdict in both orders, as FastChat's show_result); orders that "
+        "disagree are ties; *invalid* counts prompts with an unparsed or failed judgement.",
+        check=pair_v2.check,
+    ),
+    "mt_bench": Judge(
+        build=mt_bench.requests_for,
+        score=mt_bench.score_for,
+        metrics=("mt_bench", "mt_bench_turn_1", "mt_bench_turn_2", "mt_bench_baseline", "mt_bench_baseline_turn_1",
+                 "mt_bench_baseline_turn_2", "mt_bench_delta"),
+        counts=("prompts", "valid", "rated", "partial", "invalid", "judgements", "rated_judgements",
+                "unparsed_judgements", "failed_judgements"),
+        settings=("grading",),
+        columns=(("mt_bench", "MT-Bench"), ("mt_bench_turn_1", "turn 1"), ("mt_bench_turn_2", "turn 2"),
+                 ("mt_bench_baseline", "baseline"), ("mt_bench_delta", "delta"), ("invalid", "invalid")),
+        describe=mt_bench.describe,
+        note="Scores are means of the 1-10 ratings over the rated turns (FastChat's show_result); a judgement "
+        "without a rating is counted and left out; *invalid* counts prompts with no rating at all.",
+        check=mt_bench.check,
+        answer_rows=True,
     ),
 }
 

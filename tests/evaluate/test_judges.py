@@ -7,15 +7,25 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from conftest import write_jsonl
+from conftest import shared, write_jsonl
 
 from alignment import pipeline
 from alignment.config import ConfigError, ExperimentConfig, JudgeConfig, SearchConfig, load_config
-from alignment.evaluate import COUNTS, JUDGES, METRICS, SUMMARY_KEYS
+from alignment.evaluate import COUNTS, JUDGES, METRICS, SUMMARY_KEYS, heldout
 
 # One well-formed judge output per protocol: a new judge adds its own here (the first test checks).
-WELL_FORMED = {"vicuna_pairwise": "8 3\nAssistant 1 answers the question."}
+WELL_FORMED = {"vicuna_pairwise": "8 3\nAssistant 1 answers the question.",
+               "pair_v2": "Assistant A answers the question; B does not.\n\n[[A]]",
+               "mt_bench": "The answer is helpful and correct.\n\nRating: [[8]]"}
 UNPARSABLE = "I cannot decide which answer is better."
+
+
+def judge_config(protocol: str) -> JudgeConfig:
+    """The judge section of ``protocol``, with the files it needs (pair_v2: FastChat's judge prompts)."""
+    files = {"pair_v2": lambda: {"prompts": str(shared("eval_prompts", "fastchat_judge_prompts.jsonl"))},
+             "mt_bench": lambda: {"prompts": str(shared("eval_prompts", "fastchat_judge_prompts.jsonl")),
+                                  "references": str(shared("eval_prompts", "mt_bench_reference_gpt4.jsonl"))}}
+    return JudgeConfig(protocol=protocol, **files.get(protocol, dict)())
 
 
 def test_the_protocol_literal_is_the_table():
@@ -25,20 +35,26 @@ def test_the_protocol_literal_is_the_table():
 
 
 def test_every_search_metric_is_a_judge_metric():
-    assert set(get_args(SearchConfig.model_fields["metric"].annotation)) <= set(METRICS)
+    assert set(get_args(SearchConfig.model_fields["metric"].annotation)) <= set(METRICS) | set(heldout.METRICS)
     assert SearchConfig().metric in METRICS
 
 
-def questions(n: int = 3) -> tuple[list[dict], dict[str, str], dict[str, str]]:
-    qs = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(n)]
+def questions(kind=None, n: int = 3) -> tuple[list[dict], dict, dict]:
+    """Two-turn MT-Bench-shaped questions and the two models' answers: texts by id, or answer rows (per-turn
+    answers) for a judge that takes them (``Judge.answer_rows``)."""
+    qs = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"question {i}"}], "category": "writing",
+           "question_turns": [f"question {i}", f"follow-up {i}"]} for i in range(n)]
+    if kind is not None and kind.answer_rows:
+        return qs, *({q["id"]: {**q, "answer": f"{m} on {q['id']}", "turns": [f"{m} on {q['id']}", f"{m} again"]}
+                      for q in qs} for m in ("target", "baseline"))
     return qs, {q["id"]: f"target on {q['id']}" for q in qs}, {q["id"]: f"baseline on {q['id']}" for q in qs}
 
 
 @pytest.mark.parametrize("protocol", sorted(JUDGES))
 def test_a_judge_declares_what_its_summary_holds(protocol):
-    kind, j = JUDGES[protocol], JudgeConfig(protocol=protocol)
+    kind, j = JUDGES[protocol], judge_config(protocol)
     assert set(COUNTS) <= set(kind.counts) and {k for k, _ in kind.columns} <= set(SUMMARY_KEYS)
-    reqs = kind.build(*questions(), j)
+    reqs = kind.build(*questions(kind), j)
     ids = [r["id"] for r in reqs]
     assert len(set(ids)) == len(ids) and all(r["messages"] for r in reqs)
     _, summary = kind.score(reqs, [{"answer": WELL_FORMED[protocol]} for _ in reqs], j)
@@ -48,8 +64,8 @@ def test_a_judge_declares_what_its_summary_holds(protocol):
 
 @pytest.mark.parametrize("protocol", sorted(JUDGES))
 def test_a_judge_parses_a_well_formed_judgement(protocol):
-    kind, j = JUDGES[protocol], JudgeConfig(protocol=protocol)
-    reqs = kind.build(*questions(), j)
+    kind, j = JUDGES[protocol], judge_config(protocol)
+    reqs = kind.build(*questions(kind), j)
     verdicts, s = kind.score(reqs, [{"answer": WELL_FORMED[protocol]} for _ in reqs], j)
     assert len(verdicts) == s["prompts"] == 3 and all(v["verdict"] != "invalid" for v in verdicts)
     assert (s["valid"], s["invalid"], s["unparsed_judgements"], s["failed_judgements"]) == (3, 0, 0, 0)
@@ -61,8 +77,8 @@ def test_a_judge_parses_a_well_formed_judgement(protocol):
 def test_a_judge_refuses_to_guess(protocol, bad):
     """An unparsable or failed judgement is counted, and its item is invalid, left out of every rate: never a
     win, a loss or a tie; the other items keep their verdicts."""
-    kind, j = JUDGES[protocol], JudgeConfig(protocol=protocol)
-    reqs = kind.build(*questions(), j)
+    kind, j = JUDGES[protocol], judge_config(protocol)
+    reqs = kind.build(*questions(kind), j)
     wrong = {"answer": UNPARSABLE} if bad == "unparsed" else {"answer": "", "error": "URLError: refused"}
     # Every judgement of q0 goes wrong, the others are well formed.
     outs = [wrong if r["id"].startswith("q0") else {"answer": WELL_FORMED[protocol]} for r in reqs]

@@ -133,6 +133,11 @@ def test_instruct_scenario_starts_from_the_instruct_weights_with_eval_loss_at_ea
     history = [json.loads(line) for line in open(m["outputs"]["metrics_log"])]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
     assert m["metrics"]["strategy"] == "single-process" and m["metrics"]["params"]["beta"] == 0.1
+    # The held-out pairs' implicit-reward margin against the start: at a learning rate of 1e-9 the weights barely
+    # moved, so the margins are about 0 (and finite), on the 4 held-out pairs.
+    held = m["metrics"]["heldout"]
+    assert held["heldout_pairs"] == 4 and held["heldout_unpaired"] == 0
+    assert 0.0 <= held["pref_accuracy"] <= 1.0 and abs(held["pref_margin"]) < 1e-3
     # A learning rate of 1e-9 leaves the weights where they started: the instruct model's, not the base's.
     trained = load_file(Path(m["outputs"]["model"]) / "model.safetensors")
     start, other = load_file(instruct / "model.safetensors"), load_file(tiny_model / "model.safetensors")
