@@ -268,7 +268,9 @@ def _heldout(cfg: ExperimentConfig, policy: str, reference: str, held: list[dict
     res, max_length = cfg.resources, cfg.pref.max_length
     if not any("chosen" in r for r in rows):  # nothing to load the models for
         return heldout.heldout(policy, reference, rows, max_length)
-    task = ray.remote(heldout.heldout).options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
+    # DEFAULT scheduling: inside a search trial the task would otherwise be placed in the trial's own small bundle.
+    task = ray.remote(heldout.heldout).options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0,
+                                               scheduling_strategy="DEFAULT")
     return ray.get(task.remote(policy, reference, rows, max_length, cfg.model.chat_template, res.use_gpu,
                                res.cpus_per_worker))
 

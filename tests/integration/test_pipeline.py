@@ -19,7 +19,10 @@ def manifests(run_dir: Path, stage: str) -> list[dict]:
 
 
 def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
-    cfg = load_config(write_config(tmp_path, tiny_experiment(tmp_path, tiny_model)))
+    exp = tiny_experiment(tmp_path, tiny_model)
+    exp["pref"]["eval_rows"] = 4  # held-out pairs: the search's metric is their preference accuracy
+    exp["search"]["metric"] = "pref_accuracy"
+    cfg = load_config(write_config(tmp_path, exp))
     run = Path(cfg.run_dir)
 
     point = pipeline.run_point(cfg.at({"k": 8, "sft_step": 2, "method": "dpo", "num_pairs": 8}))
@@ -51,12 +54,14 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     out = pipeline.run_experiment(cfg)
     assert [(r["k"], r["sft_step"]) for r in out["results"]] == [(8, 2), (8, 4)]
     assert all("error" not in r for r in out["results"])
+    # Each trial scored its 4 held-out pairs in a Ray task (inside its Tune trial) and reports the accuracy.
+    assert all(r["heldout_pairs"] == 4 and r["metric"] == r["pref_accuracy"] is not None for r in out["results"])
     assert len(manifests(run, "select")) == 1 and len(manifests(run, "sft")) == 1
     prefs = manifests(run, "pref")
     assert sorted(p["outputs"]["start"]["sft_step"] for p in prefs) == [2, 4]
     assert len(manifests(run, "generate")) == 3  # baseline once, two trained models
     report = Path(out["report"]["markdown"]).read_text()
-    assert "aggregation rule **sum**" in report and "| 8 | 4 |" in report
+    assert "aggregation rule **sum**" in report and "| 8 | 4 |" in report and "held-out pref. accuracy" in report
     assert Path(out["report"]["plot"]).stat().st_size > 1000 and Path(out["report"]["html"]).is_file()
     saved = json.loads((run / "search" / "results.json").read_text())
     assert len(saved["trials"]) == 2 and saved["counts"] == {"trials": 2, "succeeded": 2, "failed": 0}
