@@ -263,7 +263,12 @@ class TrainConfig(_Strict):
     )
     logging_steps: int = Field(1, ge=1)
     eval_rows: int = Field(
-        0, ge=0, description="Rows held out (a seeded choice) to measure the eval loss at every saved checkpoint.",
+        0, ge=0, description="Rows held out (a seeded choice, the same for every training-set size): the eval loss at "
+        "every saved checkpoint (see eval_at_checkpoints); pref: the held-out preference accuracy and margin.",
+    )
+    eval_at_checkpoints: bool = Field(
+        True, description="Measure the eval loss of the held-out rows at every saved checkpoint (the trainer's "
+        "evaluation: a forward pass over them, per checkpoint). pref scores them once after training either way.",
     )
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations (default: on GPU only).")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight (peft).")

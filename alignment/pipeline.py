@@ -169,7 +169,8 @@ def sft_stage(cfg: ExperimentConfig) -> dict[str, Any]:
     settings = train.train_settings(cfg.sft, cfg.seed, "sft")
     save_steps = cfg.sft.checkpoint_steps()
     res = cfg.resources
-    conf = {"settings": settings, "save_steps": save_steps, "eval_rows": cfg.sft.eval_rows, "model": cfg.model.base,
+    conf = {"settings": settings, "save_steps": save_steps, "eval_rows": cfg.sft.eval_rows,
+            "eval_at_checkpoints": cfg.sft.eval_at_checkpoints, "model": cfg.model.base,
             "chat_template": cfg.model.chat_template, "num_workers": res.num_workers, "use_gpu": res.use_gpu,
             "strategy": res.strategy}
     inputs = {"selected": fingerprint(selected), "model": fingerprint(base)}
@@ -178,7 +179,7 @@ def sft_stage(cfg: ExperimentConfig) -> dict[str, Any]:
         rows = [{"id": r["id"], "messages": r["messages"]} for r in pq.read_table(selected).to_pylist()]
         rows, aside = _trainable(cfg, d, "sft", rows, [], cfg.model.base, cfg.sft.max_length)
         rows, held = train.split_rows(rows, cfg.seed, cfg.sft.eval_rows, None)
-        run = _fit(cfg, d, "sft", rows, held, base, settings, save_steps, res)
+        run = _fit(cfg, d, "sft", rows, held if cfg.sft.eval_at_checkpoints else [], base, settings, save_steps, res)
         return {
             "outputs": {**_training_outputs(d, run), "set_aside": str(d / "set_aside.jsonl")},
             "counts": {"rows": len(rows) + len(held) + len(aside), "train_rows": len(rows), "eval_rows": len(held),
@@ -226,7 +227,8 @@ def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
     save_steps = p.checkpoint_steps()
     res = cfg.resources
     conf = {"method": method, "settings": settings, "save_steps": save_steps, "num_pairs": num_pairs,
-            "eval_rows": p.eval_rows, "format": cfg.data.preferences_format, "start": start_info,
+            "eval_rows": p.eval_rows, "eval_at_checkpoints": p.eval_at_checkpoints,
+            "format": cfg.data.preferences_format, "start": start_info,
             "chat_template": cfg.model.chat_template, "num_workers": res.num_workers, "use_gpu": res.use_gpu,
             "strategy": res.strategy, "heldout": list(heldout.METRICS)}
     files = _files(cfg.data.preferences, "preferences", cfg.run_dir)
@@ -244,7 +246,7 @@ def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
         except train.TrainError as e:
             raise PipelineError(f"{e} ({cfg.data.preferences}: {len(pairs)} usable rows, {len(aside)} set aside: "
                                 f"{_reasons(aside)})") from None
-        run = _fit(cfg, d, method, used, held, start, settings, save_steps, res)
+        run = _fit(cfg, d, method, used, held if p.eval_at_checkpoints else [], start, settings, save_steps, res)
         scores = _heldout(cfg, run["checkpoints"][-1]["path"], start, held)
         return {
             "outputs": {"model": run["checkpoints"][-1]["path"], "start": start_info,

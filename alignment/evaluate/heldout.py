@@ -39,8 +39,10 @@ def answer_logps(model: Any, tok: Any, items: list[tuple[list[int], int]], batch
 
     out = np.zeros(len(items), dtype=np.float64)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths together: less padding
     for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
+        idx = order[s:s + batch_size]
+        chunk = [items[i] for i in idx]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -52,7 +54,7 @@ def answer_logps(model: Any, tok: Any, items: list[tuple[list[int], int]], batch
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(model.device))[..., 0].cpu()
         for i, (seq, start) in enumerate(chunk):
             # Token t is predicted at position t - 1: the answer's tokens start..len-1.
-            out[s + i] = float(logp[i, start - 1:len(seq) - 1].sum())
+            out[idx[i]] = float(logp[i, start - 1:len(seq) - 1].sum())
     return out
 
 

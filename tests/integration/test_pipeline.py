@@ -20,7 +20,8 @@ def manifests(run_dir: Path, stage: str) -> list[dict]:
 
 def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     exp = tiny_experiment(tmp_path, tiny_model)
-    exp["pref"]["eval_rows"] = 4  # held-out pairs: the search's metric is their preference accuracy
+    exp["pref"]["eval_rows"] = 4  # held-out pairs: the search's metric is their preference accuracy,
+    exp["pref"]["eval_at_checkpoints"] = False  # scored after training only (no eval loss per checkpoint)
     exp["search"]["metric"] = "pref_accuracy"
     cfg = load_config(write_config(tmp_path, exp))
     run = Path(cfg.run_dir)
@@ -42,6 +43,8 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert pref["outputs"]["start"]["sft_step"] == 2
     assert pref["outputs"]["start"]["checkpoint"] == sft["outputs"]["checkpoints"][0]["path"]
     pc = pref["counts"]
+    assert pc["pairs_eval"] == 4 and pref["metrics"]["heldout"]["heldout_pairs"] == 4
+    assert all(ck["eval_loss"] is None for ck in pref["outputs"]["checkpoints"])
     assert pc["pairs_read"] == pc["pairs_kept"] + pc["pairs_set_aside"] == 33 and pc["pairs_used"] == 8
     gens = manifests(run, "generate")
     assert {g["label"] for g in gens} == {"baseline", f"k8-step2-dpo-n8-{Path(pref['dir']).name.rsplit('-', 1)[-1]}"}
