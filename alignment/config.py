@@ -268,7 +268,8 @@ class TrainConfig(_Strict):
     )
     eval_at_checkpoints: bool = Field(
         True, description="Measure the eval loss of the held-out rows at every saved checkpoint (the trainer's "
-        "evaluation: a forward pass over them, per checkpoint). pref scores them once after training either way.",
+        "evaluation: a forward pass over them, per checkpoint). pref scores them once after training either way "
+        "(held-out preference accuracy and margin); sft with false only holds them out.",
     )
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations (default: on GPU only).")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight (peft).")

@@ -434,7 +434,7 @@ def benchmarks_stage(cfg: ExperimentConfig, model: str) -> dict[str, Any]:
                                if k not in ("num_cpus", "num_gpus", "batch_size")}}
     files = [t[len(benchmarks.BIGBENCH):] for t in b.tasks if t.startswith(benchmarks.BIGBENCH)]
     inputs = {"model": fingerprint(path), **{f: fingerprint(f) for f in files},
-              **{d: digest({p: fingerprint(p) for p in formats.expand_paths([d])}) for d in b.include_path}}
+              **{d: fingerprint(d) for d in b.include_path}}  # every file there: task YAMLs and their data
 
     def work(d: Path) -> dict[str, Any]:
         res = benchmarks.evaluate(path, b)
@@ -448,10 +448,7 @@ def benchmarks_stage(cfg: ExperimentConfig, model: str) -> dict[str, Any]:
 
 def evaluate_models(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """``alignment evaluate``: each of ``evaluate.models`` through ``evaluate.benchmarks``, one stage each."""
-    if not cfg.evaluate.models:
-        raise ConfigError("evaluate.models is empty: name the checkpoints, registry names or hub ids to evaluate")
-    if not cfg.evaluate.benchmarks.tasks:
-        raise ConfigError("evaluate.benchmarks.tasks is empty: name lm-eval tasks, bigbench:<path> or preset:<name>")
+    _check_evaluate(cfg)
     return [benchmarks_stage(cfg, m) for m in cfg.evaluate.models]
 
 
@@ -577,6 +574,9 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
         if kind.check:
             kind.check(cfg.judge)
         # A judge metric this protocol does not report would leave every trial's objective empty.
+        if command in ("search", "run") and cfg.search.metric in heldout.METRICS and cfg.pref.eval_rows == 0:
+            raise ConfigError(f"search.metric: {cfg.search.metric} is measured on held-out preference pairs, and "
+                              "pref.eval_rows is 0: hold some out (e.g. pref.eval_rows=32)")
         if command in ("search", "run") and cfg.search.metric in METRICS and cfg.search.metric not in kind.metrics:
             raise ConfigError(f"search.metric: {cfg.search.metric} is not a metric of judge.protocol "
                               f"{cfg.judge.protocol} ({', '.join(kind.metrics)})")
@@ -597,8 +597,17 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
 
 
 def _check_evaluate(cfg: ExperimentConfig) -> None:
-    """``alignment evaluate``'s models exist, and its BIG-bench files and task directories are there."""
+    """``alignment evaluate`` has models and tasks, lm-eval is installed, the models exist, and its BIG-bench files
+    and task directories are there."""
+    import importlib.util
+
     b = cfg.evaluate.benchmarks
+    if not cfg.evaluate.models:
+        raise ConfigError("evaluate.models is empty: name the checkpoints, registry names or hub ids to evaluate")
+    if not b.tasks:
+        raise ConfigError("evaluate.benchmarks.tasks is empty: name lm-eval tasks, bigbench:<path> or preset:<name>")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("evaluate.benchmarks needs lm-eval: pip install 'alignment[eval]'")
     for i, name in enumerate(cfg.evaluate.models):
         try:
             models.check(name)

@@ -92,3 +92,11 @@ def test_a_search_point_is_a_validated_copy_of_the_config(tmp_path):
     assert at.pref.method_params()["beta"] == 0.2
     with pytest.raises(ConfigError, match=r"(?s)at the search point .*pref.sft_step: SFT step 3 is never saved"):
         cfg.at({**point, "sft_step": 3})
+
+
+def test_a_held_out_metric_without_held_out_pairs_is_refused_before_the_search():
+    from alignment import pipeline
+
+    cfg = load_config(None, ["search.metric=pref_margin"])
+    with pytest.raises(ConfigError, match=r"search.metric: pref_margin .*pref.eval_rows is 0"):
+        pipeline.preflight(cfg, "run")
