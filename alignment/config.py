@@ -492,6 +492,7 @@ class JudgeConfig(EndpointConfig):
         "summed (Long Is More's released code). The README's judge part has both.",
     )
     max_new_tokens: int = Field(64, ge=1, description="The judge's answer length (over judge.generate's).")
+    concurrency: int = Field(8, ge=1, description="openai backend: judge requests in flight at once.")
     # No max_new_tokens in it (GenerationConfig): one key for the judge's answer length, judge.max_new_tokens.
     generate: GenerationConfig | None = Field(
         None, description="local backend: the judge model's generation settings (backend, batch_size, num_actors, "

@@ -350,7 +350,7 @@ def _judge_openai(msgs: list[dict], j: Any, d: Path) -> tuple[list[dict], dict[s
                 f.flush()
 
         outs = endpoints.complete_openai(msgs, j.model, endpoints.Endpoint(j.api_base_env, j.api_key_env),
-                                         j.max_new_tokens, j.timeout_s,
+                                         j.max_new_tokens, j.timeout_s, workers=j.concurrency,
                                          retry=endpoints.Retry(j.max_retries, j.retry_backoff_s), cache=cache,
                                          on_result=keep)
     failed: dict[str, int] = {}
