@@ -681,19 +681,86 @@ class BenchmarksConfig(_Strict):
         return v
 
 
-class EvaluateConfig(_Strict):
-    """``alignment evaluate``: the models evaluate.benchmarks runs on, each in its own stage directory."""
+class ServedConfig(EndpointConfig):
+    """A model served behind an OpenAI-compatible endpoint, answering the eval prompts."""
 
-    models: list[str] = Field(
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+
+
+class EvalModelConfig(_Strict):
+    """A model ``alignment evaluate`` evaluates, or a suite's baseline. A plain string is ``{name: <string>}``: a
+    checkpoint, registry name or hub id, loaded here. With ``endpoint``, an OpenAI-compatible endpoint answers
+    (``name`` is its model name); with ``answers``, the answers are read from a file the user already has."""
+
+    name: str = Field(description="The model: a checkpoint (local path or cloud URI), registry name or hub id; with "
+                      "endpoint, the endpoint's model name; with answers, a name for the report.")
+    endpoint: ServedConfig | None = Field(
+        None, description="Served: the endpoint's URL and key come from the environment variables it names.",
+    )
+    answers: str | None = Field(
+        None, description="A file of answers: AlpacaEval's JSON list of {instruction, output, generator}, or "
+        "FastChat's model_answer JSONL ({question_id, choices: [{turns: [...]}]}); every prompt of a suite needs one.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalModelConfig:
+        if self.endpoint and self.answers:
+            raise ValueError(f"{self.name}: endpoint and answers are two sources of answers; give one")
+        return self
+
+    @property
+    def kind(self) -> Literal["local", "endpoint", "answers"]:
+        return "endpoint" if self.endpoint else "answers" if self.answers else "local"
+
+
+class SuiteConfig(_Strict):
+    """One judged evaluation: a prompt set, a judge and a baseline."""
+
+    prompts: str = Field(description="The eval prompt set (as data.eval_prompts: Vicuna, Koala, Self-Instruct, "
+                         "WizardLM, LIMA, MT-Bench questions, AlpacaEval's JSON, or messages).")
+    max_prompts: int | None = Field(None, ge=1, description="Only the first N prompts (smoke runs).")
+    judge: dict[str, Any] = Field(
+        default_factory=dict, description="Keys over the judge section for this suite (protocol, prompts, references, "
+        "backend, model, ...); the rest is the judge section's.",
+    )
+    baseline: EvalModelConfig | None = Field(
+        None, description="What every model is compared with (a model, an endpoint or an answers file, as in "
+        "evaluate.models); default: judge.baseline, else model.base.",
+    )
+
+
+class EvaluateConfig(_Strict):
+    """``alignment evaluate``: evaluate.models on each of evaluate.suites (judged) and evaluate.benchmarks (lm-eval),
+    each model and suite in its own stage directory."""
+
+    models: list[EvalModelConfig] = Field(
         default_factory=list, description="Models to evaluate: checkpoints (local paths or cloud URIs), registry names "
-        "(`alignment models list`) or Hugging Face ids.",
+        "(`alignment models list`) or Hugging Face ids; {name, endpoint: {...}} for a served model; {name, answers: "
+        "<file>} for answers already made. lm-eval benchmarks run on the models loaded here.",
+    )
+    suites: dict[str, SuiteConfig] = Field(
+        default_factory=dict, description="Judged suites by name (a directory name): each a prompt set, judge keys "
+        "and a baseline.",
     )
     benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
 
     @field_validator("models", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+        return [v] if isinstance(v, str | dict) else v
+
+    @field_validator("suites")
+    @classmethod
+    def _names(cls, v: dict[str, SuiteConfig]) -> dict[str, SuiteConfig]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(f"suite name {name!r}: letters, digits, '.', '_' and '-' only (it names a directory)")
+        return v
 
 
 class ExperimentConfig(_Strict):
@@ -729,7 +796,29 @@ class ExperimentConfig(_Strict):
                              "the Hugging Face Trainer runs DDP")
         if self.pref.start_from == "instruct" and not self.model.instruct:
             raise ValueError("pref.start_from: instruct needs model.instruct (the instruction-tuned model)")
+        for name in self.evaluate.suites:
+            self.suite_judge(name)
         return self
+
+    def suite_judge(self, name: str) -> JudgeConfig:
+        """The judge section of ``evaluate.suites.<name>``: the judge section with the suite's keys over it."""
+        raw = {**self.judge.model_dump(by_alias=True), **self.evaluate.suites[name].judge}
+        try:
+            return JudgeConfig.model_validate(raw)
+        except ValidationError as e:
+            where = f"evaluate.suites.{name}.judge"
+            raise ValueError("; ".join(f"{where}.{line.strip()}" if not line.strip().startswith("judge.")
+                                       else f"{where}: {line.strip()}"
+                                       for line in _format_errors(e, where).splitlines()[1:])) from None
+
+    def suite(self, name: str) -> ExperimentConfig:
+        """This config as ``evaluate.suites.<name>`` evaluates: a copy whose eval prompts, their number and judge
+        section are the suite's."""
+        s = self.evaluate.suites[name]
+        cfg = self.model_copy(deep=True)
+        cfg.data.eval_prompts, cfg.data.max_eval_prompts = s.prompts, s.max_prompts
+        cfg.judge = self.suite_judge(name)
+        return cfg
 
     def search_grid(self) -> list[dict[str, Any]]:
         """Every point of the search: ``{k, sft_step, method, num_pairs}``, k varying slowest."""
@@ -920,7 +1009,19 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     bench = cfg.evaluate.benchmarks
     bench.tasks = [f"bigbench:{_abs(t.split(':', 1)[1])}" if t.startswith("bigbench:") else t for t in bench.tasks]
     bench.include_path = [_abs(p) for p in bench.include_path]
-    cfg.evaluate.models = [_abs(m) if _looks_local(m) else m for m in cfg.evaluate.models]
+    ev = cfg.evaluate
+    for m in [*ev.models, *(s.baseline for s in ev.suites.values() if s.baseline)]:
+        if m.answers:
+            m.answers = _abs(m.answers)
+        elif not m.endpoint and _looks_local(m.name):
+            m.name = _abs(m.name)
+    for s in ev.suites.values():
+        s.prompts = _abs(s.prompts)
+        for key in ("prompts", "references"):
+            if s.judge.get(key):
+                s.judge[key] = _abs(s.judge[key])
+        if isinstance(s.judge.get("model"), str) and _looks_local(s.judge["model"]):
+            s.judge["model"] = _abs(s.judge["model"])
     return cfg
 
 

@@ -1,0 +1,145 @@
+"""`alignment evaluate` on judged suites: answers from a model loaded here, a served endpoint and an answers file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment import cli, formats
+from alignment.evaluate import sources
+from tests.conftest import shared
+
+ALPACA = shared("eval_prompts", "alpaca_eval_gpt4_1106_preview_reference.json")
+MT_QUESTIONS = shared("eval_prompts", "mt_bench_questions.jsonl")
+MT_REFERENCES = shared("eval_prompts", "mt_bench_reference_gpt4.jsonl")
+VICUNA = shared("eval_prompts", "vicuna_test_set.jsonl")
+
+
+def test_alpaca_eval_outputs_match_the_805_prompts_by_instruction():
+    prompts, bad = formats.read_rows(str(ALPACA), "eval")
+    assert not bad and len(prompts) == 805
+    out, unused = sources.match(prompts, sources.read_answers(str(ALPACA)), str(ALPACA))
+    reference = json.loads(ALPACA.read_text())
+    assert unused == 0
+    assert [o["turns"] for o in out] == [[r["output"]] for r in reference]
+    assert all(o["num_new_tokens"] == [None] for o in out)  # a file does not say
+
+
+def test_fastchat_answers_give_every_turn_and_a_missing_question_is_an_error_naming_it():
+    prompts, _ = formats.read_rows(str(MT_QUESTIONS), "eval")
+    answers = sources.read_answers(str(MT_REFERENCES))
+    # The references answer the math, reasoning and coding questions only (ids 101-130 among them).
+    with_ref = [p for p in prompts if p["id"] in answers["id"]]
+    assert len(with_ref) == 30
+    out, unused = sources.match(with_ref, answers, str(MT_REFERENCES))
+    first = json.loads(MT_REFERENCES.read_text().splitlines()[0])
+    got = next(o for o in out if o["id"] == str(first["question_id"]))
+    assert got["turns"] == first["choices"][0]["turns"] and len(got["turns"]) == 2
+    assert unused == 0
+    with pytest.raises(sources.AnswersError, match=r"no answer for 50 of the 80 prompts \(ids 81, 82, 83, 84, 85"):
+        sources.match(prompts, answers, str(MT_REFERENCES))
+
+
+def test_a_one_turn_answer_to_a_two_turn_question_is_an_error(tmp_path):
+    prompts, _ = formats.read_rows(str(MT_QUESTIONS), "eval")
+    f = tmp_path / "one_turn.json"
+    f.write_text(json.dumps([{"instruction": p["messages"][-1]["content"], "output": "x"} for p in prompts]))
+    with pytest.raises(sources.AnswersError, match=r"too few turns for 80 prompts: 81 \(1 of 2 turns\)"):
+        sources.match(prompts, sources.read_answers(str(f)), str(f))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "c"}], r"row 1: instruction 'a' is answered twice"),
+    ([{"instruction": "a", "output": None}], r"row 0: field output is missing"),
+    ([{"question_id": 1, "choices": [{"turns": ["a", 3]}]}], r"row 0: field choices\[0\].turns\[1\] is int, not text"),
+    ([{"question_id": 1, "choices": []}], r"row 0: field choices: FastChat's"),
+    ([{"prompt": "a", "response": "b"}], r"row 0: neither AlpacaEval's .* \(keys: prompt, response\)"),
+    ([], r"no answers in the file"),
+])
+def test_a_bad_answers_file_names_file_row_and_field(tmp_path, rows, message):
+    f = tmp_path / "answers.json"
+    f.write_text(json.dumps(rows))
+    with pytest.raises(sources.AnswersError, match=str(f).replace(".", r"\.") + ".*" + message):
+        sources.read_answers(str(f))
+
+
+def _experiment(tmp_path: Path, tiny_model: Path) -> Path:
+    prompts, _ = formats.read_rows(str(VICUNA), "eval")
+    answers = tmp_path / "reference_outputs.json"
+    answers.write_text(json.dumps([{"instruction": p["messages"][-1]["content"], "output": f"reference {i}",
+                                    "generator": "ref"} for i, p in enumerate(prompts[:4])]))
+    endpoint = {"api_base_env": "TEST_JUDGE_URL", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 0}
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "generate": {"max_new_tokens": 6, "batch_size": 4, "cpus_per_actor": 1.0},
+        "judge": {"backend": "openai", "model": "judge-model", **endpoint},
+        "evaluate": {
+            "models": [str(tiny_model), {"name": "org/served-model", "endpoint": endpoint}],
+            "suites": {"vicuna": {"prompts": str(VICUNA), "max_prompts": 3,
+                                  "baseline": {"name": "reference", "answers": str(answers)}}},
+        },
+        "resources": {"num_cpus": 2},
+    }
+    path = tmp_path / "evaluate.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_alignment_evaluate_judges_a_local_model_and_an_endpoint_against_an_answers_file(
+        tmp_path, tiny_model, ray_local, fake_endpoint, capsys):
+    path = _experiment(tmp_path, tiny_model)
+    assert cli.main(["evaluate", "-c", str(path)]) == 0
+    run = tmp_path / "run" / "evaluate"
+    results = json.loads((run / "results.json").read_text())
+    suite = results["suites"]["vicuna"]
+    assert suite["protocol"] == "vicuna_pairwise" and suite["baseline"] == "reference"
+    assert set(suite["models"]) == {tiny_model.name, "served-model"}
+    for label, entry in suite["models"].items():
+        m = entry["metrics"]
+        assert m["prompts"] == 3 and m["win"] + m["tie"] + m["loss"] + m["invalid"] == 3, label
+        assert entry["answers"]["counts"]["prompts_answered"] == 3
+        verdicts = [json.loads(line) for line in (Path(entry["dir"]) / "verdicts.jsonl").read_text().splitlines()]
+        assert len(verdicts) == 3 and Path(entry["dir"]).parent == run / "vicuna"
+    # The served model answered through the endpoint, at the generate section's length, greedy.
+    asked = [s["body"] for s in fake_endpoint if s["body"]["model"] == "org/served-model"]
+    assert len(asked) == 3 and all(b["max_tokens"] == 6 and b["temperature"] == 0.0 for b in asked)
+    served = next(Path(d) for d in (run / "vicuna" / "answers").iterdir() if d.name.startswith("served-model-"))
+    rows = [json.loads(line) for line in (served / "answers.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["8 3\nbecause org/served-model"] * 3
+    # The answers file is the baseline: its unused fourth answer is counted, its token counts are unknown.
+    ref = next(d for d in (run / "vicuna" / "answers").iterdir() if d.name.startswith("reference-"))
+    manifest = json.loads((ref / "manifest.json").read_text())
+    assert manifest["counts"]["answers_unused"] == 1 and manifest["metrics"]["mean_new_tokens"] is None
+    assert (run / "report.md").is_file()
+    # Nothing holds the key.
+    for f in (tmp_path / "run").rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".md", ".html"):
+            assert "sk-secret-123" not in f.read_text(), f
+    # A re-run is skipped stage by stage: nothing is asked of the endpoint again.
+    sent = len(fake_endpoint)
+    capsys.readouterr()
+    assert cli.main(["evaluate", "-c", str(path)]) == 0
+    assert len(fake_endpoint) == sent
+    assert all(m["skipped"] for m in json.loads(capsys.readouterr().out))
+
+
+def test_alignment_evaluate_checks_answers_files_and_prompt_shapes_before_ray(tmp_path, tiny_model, capsys,
+                                                                             monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_URL", "http://127.0.0.1:9/v1")
+    path = _experiment(tmp_path, tiny_model)
+    # Five prompts, and the answers file answers four.
+    assert cli.main(["evaluate", "-c", str(path), "evaluate.suites.vicuna.max_prompts=5"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate.suites.vicuna.baseline on evaluate.suites.vicuna" in err and "no answer for 1 of the 5" in err
+    # MT-Bench grading of prompts that are not MT-Bench questions.
+    assert cli.main(["evaluate", "-c", str(path), "evaluate.suites.vicuna.judge.protocol=mt_bench",
+                     f"evaluate.suites.vicuna.judge.prompts={shared('eval_prompts', 'fastchat_judge_prompts.jsonl')}"]) == 2
+    assert "judge.protocol mt_bench grades MT-Bench questions" in capsys.readouterr().err
+    # Two models with one label.
+    assert cli.main(["evaluate", "-c", str(path), f"evaluate.models=[{tiny_model}, a/{tiny_model.name}]"]) == 2
+    assert "would share the label" in capsys.readouterr().err
+    assert cli.main(["evaluate", "-c", str(path), "evaluate.suites={}"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
