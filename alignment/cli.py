@@ -25,8 +25,10 @@ STAGES = {
              "(vicuna_pairwise: two 1-10 scores, in both orders)",
     "search": "Ray Tune grid over search.k x sft_step x method x num_pairs, each trial a full pipeline run",
     "report": "Markdown/HTML report with a plot, from the search results",
-    "evaluate": "lm-eval benchmarks (evaluate.benchmarks: lm-eval tasks, BIG-bench JSON tasks, presets) of each of "
-                "evaluate.models (checkpoints, registry names, hub ids), each in its own stage directory",
+    "evaluate": "each of evaluate.models (checkpoints, registry names, hub ids; served endpoints; answers files) on "
+                "the judged evaluate.suites (a prompt set, a judge protocol, a baseline) and the lm-eval "
+                "evaluate.benchmarks (lm-eval tasks, BIG-bench JSON tasks, presets), each in its own stage "
+                "directory, then evaluate/results.json and evaluate/report.md",
     "run": "the whole experiment: search (every stage per trial), then the report",
 }
 
@@ -38,7 +40,7 @@ def _print(obj: Any) -> None:
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     keep = ("stage", "label", "dir", "status", "skipped", "counts", "outputs")
     out = {k: manifest[k] for k in keep if k in manifest}
-    if manifest.get("stage") in ("judge", "evaluate/benchmarks"):
+    if manifest.get("stage") == "judge" or manifest.get("stage", "").startswith("evaluate/"):
         out["metrics"] = manifest["metrics"]
     return out
 

@@ -522,6 +522,9 @@ def evaluate_models(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     if ev.benchmarks.tasks:
         for m in ev.models:
             if m.kind != "local":  # lm-eval scores a model's own log-probabilities
+                what = "a served model" if m.kind == "endpoint" else "an answers file"
+                results["benchmarks"][_model_label(m.name)] = {
+                    "error": f"not run: lm-eval needs the model's own weights, and this is {what}"}
                 continue
             bench = benchmarks_stage(cfg, m.name)
             results["benchmarks"][_model_label(m.name)] = json.loads(Path(bench["outputs"]["results"]).read_text())

@@ -13,3 +13,150 @@ def test_report_plot_names_only_what_the_search_varied(tmp_path):
     assert report.bar_labels(wider, ", ")[:2] == ["k=16, step=3, method=dpo", "k=16, step=3, method=kto"]
     png = report.plot(wider, "win_rate", tmp_path / "winrate.png")  # eight bars: on their side
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------- alignment evaluate's report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _pairwise_summary(outputs: list[tuple[str, str]]) -> dict:
+    """The vicuna_pairwise judge's own summary of judge outputs (order 1, order 2) per question."""
+    from alignment.config import JudgeConfig
+    from alignment.evaluate import JUDGES
+
+    judge, j = JUDGES["vicuna_pairwise"], JudgeConfig(rule="strict")
+    questions = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"question {i}"}]}
+                 for i in range(len(outputs))]
+    reqs = judge.build(questions, {q["id"]: "target answer" for q in questions},
+                       {q["id"]: "baseline answer" for q in questions}, j)
+    return judge.score(reqs, [{"answer": a} for pair in outputs for a in pair], j)[1]
+
+
+def _pair_v2_summary(outputs: list[tuple[str, str]]) -> dict:
+    from alignment.evaluate import pair_v2
+
+    reqs = [{"id": f"q{i}|{o}", "qid": f"q{i}", "order": o} for i in range(len(outputs)) for o in (1, 2)]
+    return pair_v2.score(reqs, [{"answer": a} for pair in outputs for a in pair])[1]
+
+
+def _mt_bench_summary(ratings: dict[str, list[tuple[str, str, int, int]]]) -> dict:
+    """The mt_bench judge's summary of ratings per model: (category, question, turn, rating) per graded turn."""
+    from alignment.evaluate import mt_bench
+
+    reqs, outs = [], []
+    for model, graded in ratings.items():
+        for category, qid, turn, rating in graded:
+            reqs.append({"id": f"{qid}|{model}|{turn}", "qid": qid, "model": model, "turn": turn,
+                         "category": category, "prompt_name": "single-v1"})
+            outs.append({"answer": f"Fine. Rating: [[{rating}]]"})
+    return mt_bench.score(reqs, outs)[1]
+
+
+def _answers(n: int, tokens: float) -> dict:
+    return {"counts": {"prompts_answered": n, "empty_answers": 0}, "metrics": {"mean_new_tokens": tokens,
+                                                                              "mean_chars": 4 * tokens}}
+
+
+def _evaluate_results() -> dict:
+    # sft: win, win, tie (the orders disagree), loss, invalid (order 1 unparsed); dpo: nothing parsed.
+    vicuna_sft = _pairwise_summary([("8 3", "3 8"), ("8 3", "3 8"), ("8 3", "8 3"), ("3 8", "8 3"), ("oops", "3 8")])
+    vicuna_dpo = _pairwise_summary([("oops", "oops"), ("no", "scores")])
+    pair_sft = _pair_v2_summary([("[[A]]", "[[B]]"), ("[[A]]", "[[A]]"), ("[[B]]", "[[A]]")])
+    mt_sft = _mt_bench_summary({"target": [("writing", "81", 1, 8), ("writing", "81", 2, 6), ("math", "111", 1, 4)],
+                                "baseline": [("writing", "81", 1, 5), ("writing", "81", 2, 5), ("math", "111", 1, 2)]})
+    alpaca_sft = {"prompts": 5, "valid": 5, "invalid": 0, "win_rate": 0.6, "standard_error": 0.12, "lc_win_rate": None,
+                  "lc_win_rate_reason": "too few prompts for the length-controlled fit", "lc_win_rate_estimate": 0.55,
+                  "avg_length": 812, "avg_length_baseline": 640}
+
+    def suite(protocol: str, models: dict[str, dict]) -> dict:
+        return {"protocol": protocol, "prompts": "prompts.jsonl", "baseline": "base", "judge": f"{protocol} judge",
+                "models": {m: {"metrics": s, "dir": f"judge/{m}", "answers": _answers(5, 30.5)}
+                           for m, s in models.items()}}
+
+    bench = {"model": "/ckpt/sft", "settings": {"model_type": "hf", "dtype": "float32", "limit": 8,
+                                                 "apply_chat_template": True, "fewshot_as_multiturn": False},
+             "tasks": {"arc_easy": {"metrics": {"acc": {"value": 0.4375, "stderr": 0.128},
+                                                "acc_norm": {"value": 0.5, "stderr": None}},
+                                    "settings": {"apply_chat_template": True, "num_fewshot": 5}}}}
+    return {"suites": {"vicuna": suite("vicuna_pairwise", {"sft": vicuna_sft, "dpo": vicuna_dpo}),
+                       "pair v2": suite("pair_v2", {"sft": pair_sft}),
+                       "mt-bench": suite("mt_bench", {"sft": mt_sft}),
+                       "alpaca": suite("alpaca_eval", {"sft": alpaca_sft})},
+            "benchmarks": {"sft": bench}}
+
+
+def _table(md: str, heading: str, key_cells: int = 1) -> dict[str, dict[str, str]]:
+    """The first table after ``heading`` in the Markdown: rows by their first ``key_cells`` cells (joined by a
+    space), cells by column heading."""
+    lines = md[md.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    head, body = rows[0], rows[2:]
+    return {" ".join(r[:key_cells]): dict(zip(head, r, strict=True)) for r in body}
+
+
+def test_evaluate_report_tables_hold_the_judges_summaries(tmp_path):
+    from alignment.evaluate import JUDGES
+
+    paths = report.write_evaluate_report(_evaluate_results(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    vicuna = _table(md, "## Suite vicuna")
+    assert {k: vicuna["sft"][k] for k in ("win", "tie", "loss", "invalid", "win rate", "score", "orders disagree")} \
+        == {"win": "2", "tie": "1", "loss": "1", "invalid": "1", "win rate": "0.500", "score": "0.625",
+            "orders disagree": "0.250"}
+    assert vicuna["sft"]["mean new tokens"] == "30.500" and vicuna["sft"]["answered"] == "5"
+    # Nothing valid: the rates are n/a, never 0, with the reason beside the table.
+    assert vicuna["dpo"]["win rate"] == vicuna["dpo"]["orders disagree"] == "n/a" and vicuna["dpo"]["invalid"] == "2"
+    assert "- `dpo`: win rate, score, orders disagree n/a: no valid prompt" in md
+    assert JUDGES["vicuna_pairwise"].note in md and "vicuna_pairwise judge" in md
+    pair = _table(md, "## Suite pair v2")["sft"]
+    assert (pair["win"], pair["tie"], pair["loss"], pair["win rate adjusted"]) == ("1", "1", "1", "0.500")
+    mt = _table(md, "## Suite mt-bench")["sft"]
+    assert (mt["MT-Bench"], mt["turn 1"], mt["turn 2"], mt["baseline"], mt["delta"]) \
+        == ("6.000", "6.000", "6.000", "4.000", "2.000")
+    # AlpacaEval: a length-controlled win rate left null is n/a with its reason and the estimate, never 0.
+    alpaca = _table(md, "## Suite alpaca")["sft"]
+    heading = dict(report.suite_columns("alpaca_eval", [{"win_rate": 0.6, "lc_win_rate": None}]))
+    assert alpaca[heading["win_rate"]] == "0.600" and alpaca[heading["lc_win_rate"]] == "n/a"
+    assert "too few prompts for the length-controlled fit (estimate beside it: 0.550)" in md
+    page = (tmp_path / "report.html").read_text()
+    assert "too few prompts for the length-controlled fit" in page and "<td>0.625</td>" in page
+    assert page.count("data:image/png;base64,") == len(paths) - 2
+
+
+def test_evaluate_report_plots_by_protocol(tmp_path):
+    paths = report.write_evaluate_report(_evaluate_results(), tmp_path)
+    # MT-Bench gets its per-category plot, the pairwise suites their verdict bars; neither the other.
+    assert sorted(k for k in paths if ":" in k) == ["categories:mt-bench", "verdicts:pair v2", "verdicts:vicuna"]
+    for key in ("markdown", "html", "categories:mt-bench", "verdicts:pair v2", "verdicts:vicuna"):
+        assert (tmp_path / paths[key]).stat().st_size > 0
+    for key in ("categories:mt-bench", "verdicts:pair v2", "verdicts:vicuna"):
+        assert (tmp_path / paths[key]).read_bytes()[:8] == PNG
+    md = (tmp_path / "report.md").read_text()
+    assert "![mt-bench: MT-Bench per category](mt-bench_categories.png)" in md
+    assert "pair_v2_verdicts.png" in md and "mt-bench_verdicts" not in md
+
+
+def test_evaluate_report_shows_missing_models_and_lm_eval_numbers(tmp_path):
+    report.write_evaluate_report(_evaluate_results(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    # dpo was judged on one suite only and has no benchmark: listed as missing everywhere else.
+    mt = _table(md, "## Suite mt-bench")
+    assert set(mt["dpo"].values()) == {"dpo", "missing"} and "- `dpo`: missing, not judged on this suite." in md
+    bench = _table(md, "## Benchmarks", key_cells=2)
+    assert bench["arc_easy acc"] == {"task": "arc_easy", "metric": "acc", "few-shot": "5", "chat template": "yes",
+                                 "sft": "0.438 ± 0.128", "dpo": "missing"}
+    assert "0.500 ± n/a" in md  # acc_norm: no stderr from lm-eval
+    assert "- `dpo`: missing (no benchmark results for it)." in md
+
+
+def test_evaluate_report_without_benchmarks_or_suites(tmp_path):
+    paths = report.write_evaluate_report({"suites": {}, "benchmarks": {}}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "No judge suites." in md and "No lm-eval benchmarks in these results." in md
+    assert set(paths) == {"markdown", "html"}
