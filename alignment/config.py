@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -459,7 +459,7 @@ class GenerateConfig(GenerationConfig):
 
 # Written out for readable errors and the JSON schema; tests/evaluate/test_judges.py checks it equals the judges'
 # table (alignment.evaluate.JUDGES), which config.py, a foundation, cannot import.
-JudgeProtocol = Literal["vicuna_pairwise", "pair_v2", "mt_bench"]
+JudgeProtocol = Literal["vicuna_pairwise", "pair_v2", "mt_bench", "alpaca_eval"]
 # The protocols whose prompts come from judge.prompts (FastChat's judge_prompts.jsonl).
 PROMPTS_PROTOCOLS = ("pair_v2", "mt_bench")
 
@@ -470,7 +470,10 @@ class JudgeConfig(EndpointConfig):
         "prompt, two 1-10 scores, both orders, combined by judge.rule; pair_v2: FastChat's pair-v2 prompt "
         "(from judge.prompts), [[A]]/[[B]]/[[C]] in both orders, orders that disagree are a tie; mt_bench: "
         "FastChat's MT-Bench single-answer grading (single-v1, single-math-v1 with judge.references, and their "
-        "multi-turn variants) of the target's and the baseline's answers, 1-10 per turn.",
+        "multi-turn variants) of the target's and the baseline's answers, 1-10 per turn; alpaca_eval: AlpacaEval 2's "
+        "weighted_alpaca_eval_gpt4_turbo annotator through the alpaca_eval package (the eval extra): its prompt, "
+        "one request per prompt in its randomised output order, the preference from the top-5 log-probabilities "
+        "of the judge's first token, win rates and the length-controlled win rate by its own functions.",
     )
     references: str | None = Field(
         None, description="mt_bench: FastChat's reference answers (a model_answer JSONL, reference_answer/gpt-4.jsonl) "
@@ -531,6 +534,12 @@ class JudgeConfig(EndpointConfig):
         return GenerateConfig(**settings, max_new_tokens=self.max_new_tokens)
 
 
+# Each one a metric the judges or the held-out evaluation declare (alignment.evaluate.JUDGES,
+# evaluate.heldout.METRICS; tests/evaluate/test_judges.py checks).
+SearchMetric = Literal["win_rate", "score", "win_rate_adjusted", "pref_accuracy", "pref_margin", "mt_bench",
+                       "alpaca_win_rate", "discrete_win_rate", "lc_win_rate", "lc_win_rate_estimate"]
+
+
 class SearchConfig(_Strict):
     k: list[int] | None = Field(None, description="Selection sizes to try; default: [select.k].")
     sft_step: list[int | Literal["last"]] | None = Field(
@@ -542,16 +551,29 @@ class SearchConfig(_Strict):
     num_pairs: list[int] | None = Field(
         None, description="Preference training-set sizes to try (nested seeded subsets); default: [pref.num_pairs].",
     )
-    # Each one a metric the judges or the held-out evaluation declare (alignment.evaluate.JUDGES,
-    # evaluate.heldout.METRICS; tests/evaluate/test_judges.py checks).
-    metric: Literal["win_rate", "score", "win_rate_adjusted", "pref_accuracy", "pref_margin", "mt_bench"] = Field(
+    metric: SearchMetric | str = Field(
         "win_rate", description="The number the search maximises. win_rate: wins / valid prompts; score: "
         "(wins + ties/2) / valid prompts (the judge's); win_rate_adjusted: pair_v2's (wins + ties/2) / valid "
         "prompts, FastChat's; pref_accuracy: the share of held-out preference pairs "
         "(pref.eval_rows) whose chosen answer gets the larger implicit reward log pi - log ref (the weights "
         "preference tuning started from); pref_margin: the mean of chosen minus rejected reward there; "
-        "mt_bench: the trained model's MT-Bench score (mean 1-10 rating over the rated turns).",
+        "mt_bench: the trained model's MT-Bench score (mean 1-10 rating over the rated turns); "
+        "alpaca_win_rate, discrete_win_rate, lc_win_rate: alpaca_eval's weighted, discrete and length-controlled "
+        "win rates, in percent; lc_win_rate_estimate: the length-controlled estimate without alpaca_eval's hub file "
+        "(judge.protocol alpaca_eval; its win_rate is the weighted win rate as a fraction); "
+        "<suite>/<metric>: a metric of one of search.suites.",
     )
+    suites: list[str] = Field(
+        default_factory=list, description="Suites of evaluate.suites to run on every point's trained model, after "
+        "its judge stage; their metrics are in the results as <suite>/<metric>.",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in get_args(SearchMetric) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/\w+", v):
+            raise ValueError(f"{v!r} is neither a metric ({', '.join(get_args(SearchMetric))}) nor <suite>/<metric>")
+        return v
 
     @field_validator("k", "num_pairs")
     @classmethod
@@ -798,6 +820,14 @@ class ExperimentConfig(_Strict):
             raise ValueError("pref.start_from: instruct needs model.instruct (the instruction-tuned model)")
         for name in self.evaluate.suites:
             self.suite_judge(name)
+        unknown = [s for s in self.search.suites if s not in self.evaluate.suites]
+        if unknown:
+            raise ValueError(f"search.suites: {', '.join(unknown)} not in evaluate.suites "
+                             f"({', '.join(self.evaluate.suites) or 'none'})")
+        suite = self.search.metric.partition("/")[0] if "/" in self.search.metric else None
+        if suite is not None and suite not in self.search.suites:
+            raise ValueError(f"search.metric: {self.search.metric} names the suite {suite}, which search.suites "
+                             "does not run")
         return self
 
     def suite_judge(self, name: str) -> JudgeConfig:

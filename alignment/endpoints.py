@@ -6,6 +6,10 @@ connection) is sent again after an exponential, jittered wait (the endpoint's ``
 one), a bounded number of times; other failures (another 4xx, an answer that is not a chat completion) are
 not. A request that still fails comes back with ``error`` (short, scrubbed) and ``error_kind``
 (``connection``, ``timeout``, ``http 429``, ``bad response``, ...), never with a made-up answer.
+
+A request may ask for the top log-probabilities of the answer's first token (``top_logprobs``; a judge that reads
+them, alpaca_eval's): an answer without them is a failure (``no logprobs``), and an endpoint that answers none of
+the requests with them, or refuses them, is an error that says so.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Retry:
 
 RETRIED_STATUS = (408, 429)  # and every 5xx
 NOT_SENT = "not sent"
+NO_LOGPROBS = "no logprobs"  # an answer without the log-probabilities the request asked for
 _MAX_ERROR_CHARS = 300
 
 
@@ -104,8 +109,21 @@ def _http_failure(e: urllib.error.HTTPError) -> _Failure:
                     e.code in RETRIED_STATUS or 500 <= e.code < 600, after)
 
 
+def _first_top_logprobs(choice: dict) -> list[dict] | None:
+    """The first answer token's ``top_logprobs`` of a chat completion's choice (OpenAI's and vLLM's
+    ``logprobs.content[0].top_logprobs``) as ``[{"token", "logprob"}]``; None when the choice has none."""
+    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+    if not isinstance(content, list) or not content or not isinstance(content[0], dict):
+        return None
+    top = content[0].get("top_logprobs")
+    if not isinstance(top, list) or not top:
+        return None
+    return [{"token": str(t["token"]), "logprob": float(t["logprob"])} for t in top]
+
+
 def _post_once(url: str, payload: dict, api_key: str | None, timeout: float) -> dict:
-    """One try: the answer and its token count, or a :class:`_Failure`."""
+    """One try: the answer and its token count (and its first token's top log-probabilities, when the payload asks
+    for them), or a :class:`_Failure`."""
     try:
         req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json",
@@ -129,9 +147,15 @@ def _post_once(url: str, payload: dict, api_key: str | None, timeout: float) -> 
         body = json.loads(raw)
         text = body["choices"][0]["message"]["content"] or ""
         n = int((body.get("usage") or {}).get("completion_tokens") or 0)
+        top = _first_top_logprobs(body["choices"][0]) if payload.get("logprobs") else None
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise _Failure("bad response", f"{type(e).__name__}: {e}; body {raw[:200]!r}", False) from None
-    return {"answer": text.strip(), "num_new_tokens": n}
+    if not payload.get("logprobs"):
+        return {"answer": text.strip(), "num_new_tokens": n}
+    if top is None:
+        raise _Failure(NO_LOGPROBS, f"the answer carries no logprobs.content[0].top_logprobs; body {raw[:200]!r}",
+                       False)
+    return {"answer": text.strip(), "num_new_tokens": n, "top_logprobs": top}
 
 
 class Endpoint:
@@ -166,21 +190,30 @@ class Endpoint:
         return f"Endpoint({self.url!r}, key={'***' if self._key else None})"
 
 
-def request_key(model: str, messages: list[dict], max_tokens: int) -> str:
-    """What a cached answer is filed under: a hash of the model and the whole request."""
-    text = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens}, sort_keys=True)
+def request_key(model: str, messages: list[dict], max_tokens: int, top_logprobs: int = 0) -> str:
+    """What a cached answer is filed under: a hash of the model and the whole request (the log-probabilities it
+    asks for among it; a request without them keeps the key it always had)."""
+    asked = {"model": model, "messages": messages, "max_tokens": max_tokens}
+    if top_logprobs:
+        asked["top_logprobs"] = top_logprobs
+    text = json.dumps(asked, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tokens: int, timeout: float = 120.0,
                     workers: int = 8, retry: Retry = Retry(), cache: dict[str, dict] | None = None,
-                    on_result: Callable[[dict], None] | None = None) -> list[dict]:
+                    on_result: Callable[[dict], None] | None = None, top_logprobs: int = 0) -> list[dict]:
     """Greedy chat completions from an OpenAI-compatible endpoint, one per prompt, in the prompts' order:
     ``id``, ``key`` (:func:`request_key`), ``answer``, ``num_new_tokens``, ``cached``, ``error`` and ``error_kind``
     (None unless the request failed after its retries). A prompt whose key is in ``cache`` (key -> an earlier
     answer) is answered from it, unsent. ``on_result`` sees each sent request's result in this thread as it
     arrives, so that a caller can store answers before the rest are done. At most ``workers`` requests are in
-    flight."""
+    flight.
+
+    ``top_logprobs`` > 0 asks for the top log-probabilities of the first answer token (``logprobs: true``,
+    ``top_logprobs``); each result then carries ``top_logprobs`` (``[{"token", "logprob"}]``, None for a failed
+    request). An answer without them fails (``no logprobs``); when no request sent came back with them and the
+    endpoint left them out or refused them, the call raises a :class:`GenerationError` that says so."""
     url, api_key = endpoint.url, endpoint._key
     rng = random.Random()
     lock = threading.Lock()
@@ -188,6 +221,8 @@ def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tok
 
     def one(p: dict) -> dict:
         payload = {"model": model, "messages": p["messages"], "temperature": 0.0, "max_tokens": max_tokens}
+        if top_logprobs:
+            payload.update(logprobs=True, top_logprobs=top_logprobs)
         with lock:
             if streak["failed"] >= retry.give_up_after:
                 why = f"the {streak['failed']} requests before it failed (last: {streak['last']})"
@@ -211,22 +246,43 @@ def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tok
 
     out: list[dict | None] = [None] * len(prompts)
     todo = []
+    logprobs = {"top_logprobs": None} if top_logprobs else {}  # every result has the key when they are asked for
     for i, p in enumerate(prompts):
-        key = request_key(model, p["messages"], max_tokens)
+        key = request_key(model, p["messages"], max_tokens, top_logprobs)
         hit = (cache or {}).get(key)
         if hit is None:
             todo.append((i, key, p))
         else:
             out[i] = {"id": p["id"], "key": key, "answer": hit["answer"], "num_new_tokens": hit["num_new_tokens"],
+                      **({"top_logprobs": hit.get("top_logprobs")} if top_logprobs else {}),
                       "cached": True, "error": None, "error_kind": None}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(one, p): (i, key, p["id"]) for i, key, p in todo}
         for fut in as_completed(futures):
             i, key, pid = futures[fut]
-            out[i] = {"id": pid, "key": key, **fut.result(), "cached": False}
+            out[i] = {"id": pid, "key": key, **logprobs, **fut.result(), "cached": False}
             if on_result is not None:
                 on_result(out[i])
+    if top_logprobs:
+        _check_logprobs(out, model, top_logprobs, api_key)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
+
+
+def _check_logprobs(out: list[dict], model: str, n: int, api_key: str | None) -> None:
+    """An endpoint that answered none of the requests sent with log-probabilities, and left them out of its answers
+    or refused them (a 4xx that names them), cannot serve a judge that reads them: an error, rather than every
+    judgement counted as failed."""
+    sent = [o for o in out if not o["cached"] and o["error_kind"] != NOT_SENT]
+    refused = [o for o in sent if o["error_kind"] == NO_LOGPROBS
+               or (str(o["error_kind"]).startswith("http 4") and "logprob" in (o["error"] or "").lower())]
+    if not refused or any(not o["error"] for o in sent):
+        return
+    how = "left them out of its answers" if refused[0]["error_kind"] == NO_LOGPROBS else "refused them"
+    msg = (f"the endpoint answered model {model!r} without log-probabilities: asked for `logprobs: true, "
+           f"top_logprobs: {n}` (the top log-probabilities of the first answer token, which this judge reads), it "
+           f"{how} ({len(refused)} of the {len(sent)} requests sent; first: {refused[0]['error']}). Use an endpoint "
+           "and model that return them (OpenAI's chat completions and vLLM's OpenAI-compatible server do)")
+    raise GenerationError(msg.replace(api_key, "***") if api_key else msg)
 
 
 # ------------------------------------------------------------------------------ answers kept across runs
@@ -243,7 +299,8 @@ def read_cache(path: Path) -> dict[str, dict]:
         for line in f:
             try:
                 r = json.loads(line)
-                cache[r["key"]] = {"answer": r["answer"], "num_new_tokens": r.get("num_new_tokens", 0)}
+                cache[r["key"]] = {"answer": r["answer"], "num_new_tokens": r.get("num_new_tokens", 0),
+                                   **({"top_logprobs": r["top_logprobs"]} if r.get("top_logprobs") else {})}
             except (ValueError, KeyError, TypeError):
                 cut += 1
     if cut:
@@ -252,8 +309,12 @@ def read_cache(path: Path) -> dict[str, dict]:
     return cache
 
 
-def cache_line(key: str, answer: str, num_new_tokens: int = 0) -> str:
-    return json.dumps({"key": key, "answer": answer, "num_new_tokens": num_new_tokens}) + "\n"
+def cache_line(key: str, answer: str, num_new_tokens: int = 0, top_logprobs: list[dict] | None = None) -> str:
+    """One stored answer (with its first token's top log-probabilities where the request asked for them)."""
+    line = {"key": key, "answer": answer, "num_new_tokens": num_new_tokens}
+    if top_logprobs:
+        line["top_logprobs"] = top_logprobs
+    return json.dumps(line) + "\n"
 
 
 def failure_message(what: str, failed: dict[str, int], total: int, first_error: str | None, setting: str,

@@ -82,8 +82,8 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
     ax.set_xticks(range(len(steps)), [str(s) for s in steps])
     ax.set_xlabel("SFT checkpoint step that preference tuning starts from")
     ax.set_ylabel(metric.replace("_", " "))
-    if metric != "pref_margin":  # a rate; the margin is a log-probability difference, unbounded
-        ax.set_ylim(-0.02, 1.02)
+    if metric.rpartition("/")[2].endswith("_rate") or metric in ("score", "pref_accuracy"):
+        ax.set_ylim(-0.02, 1.02)  # a fraction; a margin, a 1-10 score or a percentage has its own scale
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()

@@ -7,7 +7,7 @@ import os
 import random
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -138,21 +138,54 @@ def pref_pairs() -> list[dict]:
     return pairs
 
 
-class _FakeOpenAI(BaseHTTPRequestHandler):
-    seen: list = []
+def chat_completion(content: str, top_logprobs: list[dict] | None = None, completion_tokens: int = 5) -> dict:
+    """An OpenAI chat completion answering ``content``; with ``top_logprobs`` (``[{"token", "logprob"}]``) its
+    first token's top log-probabilities too, as OpenAI's ``logprobs.content[0].top_logprobs``."""
+    choice: dict = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+    if top_logprobs is not None:
+        first = top_logprobs[0] if top_logprobs else {"token": content, "logprob": 0.0}
+        choice["logprobs"] = {"content": [{"token": first["token"], "logprob": first["logprob"],
+                                           "top_logprobs": top_logprobs}]}
+    return {"choices": [choice], "usage": {"completion_tokens": completion_tokens}}
 
+
+def _default_reply(body: dict) -> dict | int:
+    """The fake endpoint's answer unless a test gives its own: a 500 to a prompt holding "fail", else two scores."""
+    if "fail" in body["messages"][-1]["content"]:
+        return 500
+    return chat_completion(f"8 3\nbecause {body['model']}")
+
+
+class FakeOpenAI(list):
+    """A chat-completions endpoint on the loopback (the ``fake_endpoint`` fixture) and the requests it got, in
+    order of arrival: ``{"path", "auth", "body"}``. ``url`` and ``key`` are what TEST_JUDGE_URL and TEST_JUDGE_KEY
+    hold. ``reply`` answers a request body: a dict (a chat completion, see :func:`chat_completion`), an HTTP status
+    alone (an int), or ``(status, dict)``; set it to answer otherwise than :func:`_default_reply`."""
+
+    def __init__(self, url: str, key: str):
+        super().__init__()
+        self.url, self.key = url, key
+        self.reply = _default_reply
+        self.lock = threading.Lock()
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
+        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _FakeOpenAI.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        if "fail" in body["messages"][-1]["content"]:
-            self.send_response(500)
-            self.end_headers()
-            return
-        reply = {"choices": [{"message": {"content": f"8 3\nbecause {body['model']}"}}],
-                 "usage": {"completion_tokens": 5}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        with fake.lock:
+            fake.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        answer = fake.reply(body)
+        if isinstance(answer, int):
+            status, obj = answer, None
+        elif isinstance(answer, tuple):
+            status, obj = answer
+        else:
+            status, obj = 200, answer
+        data = json.dumps(obj).encode() if obj is not None else b""
+        self.send_response(status)
+        if obj is not None:
+            self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -163,14 +196,18 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def fake_endpoint(monkeypatch):
-    server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    """A :class:`FakeOpenAI` endpoint (many requests at once), its URL and key in TEST_JUDGE_URL / TEST_JUDGE_KEY."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    server.daemon_threads = True
+    fake = FakeOpenAI(f"http://127.0.0.1:{server.server_port}/v1", "sk-secret-123")
+    server.fake = fake  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _FakeOpenAI.seen = []
-    monkeypatch.setenv("TEST_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
-    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
-    yield _FakeOpenAI.seen
+    monkeypatch.setenv("TEST_JUDGE_URL", fake.url)
+    monkeypatch.setenv("TEST_JUDGE_KEY", fake.key)
+    yield fake
     server.shutdown()
+    server.server_close()
 
 
 # Trainer settings of the unit tests (train.build_trainer's settings dict).

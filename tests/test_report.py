@@ -65,9 +65,11 @@ def _evaluate_results() -> dict:
     pair_sft = _pair_v2_summary([("[[A]]", "[[B]]"), ("[[A]]", "[[A]]"), ("[[B]]", "[[A]]")])
     mt_sft = _mt_bench_summary({"target": [("writing", "81", 1, 8), ("writing", "81", 2, 6), ("math", "111", 1, 4)],
                                 "baseline": [("writing", "81", 1, 5), ("writing", "81", 2, 5), ("math", "111", 1, 2)]})
-    alpaca_sft = {"prompts": 5, "valid": 5, "invalid": 0, "win_rate": 0.6, "standard_error": 0.12, "lc_win_rate": None,
-                  "lc_win_rate_reason": "too few prompts for the length-controlled fit", "lc_win_rate_estimate": 0.55,
-                  "avg_length": 812, "avg_length_baseline": 640}
+    # The alpaca_eval judge's summary keys (alignment.evaluate.alpaca_eval.score), numbers in percent.
+    alpaca_sft = {"prompts": 5, "valid": 5, "invalid": 0, "win_rate": 0.6, "alpaca_win_rate": 60.0,
+                  "alpaca_standard_error": 12.0, "lc_win_rate": None,
+                  "lc_win_rate_reason": "too few prompts for the length-controlled fit", "lc_win_rate_estimate": 55.0,
+                  "avg_length": 812, "baseline_avg_length": 640}
 
     def suite(protocol: str, models: dict[str, dict]) -> dict:
         return {"protocol": protocol, "prompts": "prompts.jsonl", "baseline": "base", "judge": f"{protocol} judge",
@@ -121,9 +123,11 @@ def test_evaluate_report_tables_hold_the_judges_summaries(tmp_path):
         == ("6.000", "6.000", "6.000", "4.000", "2.000")
     # AlpacaEval: a length-controlled win rate left null is n/a with its reason and the estimate, never 0.
     alpaca = _table(md, "## Suite alpaca")["sft"]
-    heading = dict(report.suite_columns("alpaca_eval", [{"win_rate": 0.6, "lc_win_rate": None}]))
-    assert alpaca[heading["win_rate"]] == "0.600" and alpaca[heading["lc_win_rate"]] == "n/a"
-    assert "too few prompts for the length-controlled fit (estimate beside it: 0.550)" in md
+    summary = _evaluate_results()["suites"]["alpaca"]["models"]["sft"]["metrics"]
+    heading = dict(report.suite_columns("alpaca_eval", [summary]))
+    assert alpaca[heading["alpaca_win_rate"]] == "60.000" and alpaca[heading["lc_win_rate"]] == "n/a"
+    assert alpaca[heading["lc_win_rate_estimate"]] == "55.000" and alpaca[heading["avg_length"]] == "812"
+    assert "too few prompts for the length-controlled fit" in md
     page = (tmp_path / "report.html").read_text()
     assert "too few prompts for the length-controlled fit" in page and "<td>0.625</td>" in page
     assert page.count("data:image/png;base64,") == len(paths) - 2

@@ -10,6 +10,10 @@ sampled at that temperature, seeded per prompt, so a re-run gives the same answe
 :func:`generate_turns` answers multi-turn prompts (MT-Bench), one ``generate`` call per turn. An
 OpenAI-compatible endpoint is not a backend here: the judge's ``openai`` backend sends its requests through
 ``alignment.endpoints.complete_openai``.
+
+:func:`next_token_logprobs` is the local judge of a protocol that reads log-probabilities (alpaca_eval's): the top-k
+log-probabilities of the first answer token, after the model's chat template with the generation prompt, as an
+endpoint returns them (``[{"token", "logprob"}]``, the token as its decoded text), with the same two backends.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 
-from ..config import GenerateConfig
+from ..config import GenerateConfig, GenerationConfig
 from ..endpoints import GenerationError
 from ..ray_env import actor_pool, actor_threads
 
@@ -94,6 +98,126 @@ def _ordered(prompts: list[dict], out: list[dict]) -> list[dict]:
     if missing:
         raise GenerationError(f"{len(missing)} prompts got no answer (first: {missing[:3]})")
     return [by_id[p["id"]] for p in prompts]
+
+
+def first_token_top_logprobs(model, tok, conversations: list[list[dict]], k: int) -> list[list[dict]]:
+    """The top-``k`` log-probabilities of the first answer token of each conversation, best first, from one
+    left-padded forward pass: ``[{"token", "logprob"}]`` per conversation, the token as ``tok.decode`` gives its
+    text (what an endpoint's ``top_logprobs`` names it, unstripped). The position ids follow the padding, as
+    ``generate`` sets them, so a padded row gets the log-probabilities it gets alone."""
+    import torch
+
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    mask = enc["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
+                       logits_to_keep=1).logits[:, -1, :]
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+    return [[{"token": tok.decode([i]), "logprob": float(v)} for v, i in zip(vs, is_, strict=True)]
+            for vs, is_ in zip(values.tolist(), ids.tolist(), strict=True)]
+
+
+class HFNextToken:
+    """Ray Data actor: one model, the top-k log-probabilities of each prompt's first answer token."""
+
+    def __init__(self, model_path: str, top_k: int, threads: int, use_gpu: bool):
+        import torch
+
+        from .. import models
+
+        torch.set_num_threads(threads)
+        self.model, self.tok = models.load_for_generation(model_path, use_gpu)
+        self.top_k = top_k
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        tops = first_token_top_logprobs(self.model, self.tok, [r["messages"] for r in rows], self.top_k)
+        top_type = pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())]))
+        return pa.table({"id": [r["id"] for r in rows], "answer": [t[0]["token"] for t in tops],
+                         "num_new_tokens": [1] * len(rows), "top_logprobs": pa.array(tops, type=top_type)})
+
+
+def vllm_top_logprobs(row: dict, k: int) -> dict:
+    """A ray.data.llm vLLM output row (``logprobs``: per generated token, ``{token_id: {"logprob", "rank",
+    "decoded_token"}}``; after Arrow the ids may be strings and absent ids None) -> ``{"id", "answer",
+    "num_new_tokens", "top_logprobs"}``: the first token's ``k`` best, best first, named by vLLM's decoded text.
+    vLLM adds the sampled token when it is not among them (it is, greedy); None where there are none."""
+    positions = row.get("logprobs") or []
+    first = positions[0] if len(positions) else None
+    top = None
+    if first:
+        entries = [{"token": v.get("decoded_token"), "logprob": v.get("logprob")} for v in first.values()
+                   if isinstance(v, dict) and v.get("logprob") is not None]
+        entries = [e for e in entries if isinstance(e["token"], str)]
+        top = sorted(entries, key=lambda e: -float(e["logprob"]))[:k] or None
+        top = [{"token": e["token"], "logprob": float(e["logprob"])} for e in top] if top else None
+    return {"id": row["id"], "answer": str(row.get("generated_text") or ""),
+            "num_new_tokens": int(row.get("num_generated_tokens") or 0), "top_logprobs": top}
+
+
+def _next_token_transformers(model: str, prompts: list[dict], top_k: int, g: GenerationConfig) -> list[dict]:
+    import ray
+
+    order = sorted(prompts, key=lambda p: sum(len(m["content"]) for m in p["messages"]))
+    ds = ray.data.from_items([{"id": p["id"], "messages": p["messages"]} for p in order])
+    ds = ds.map_batches(
+        HFNextToken,
+        fn_constructor_kwargs={"model_path": model, "top_k": top_k, "threads": actor_threads(g),
+                               "use_gpu": g.gpus_per_actor > 0},
+        batch_size=g.batch_size,
+        batch_format="pyarrow",
+        **actor_pool(g),
+    )
+    return _ordered(prompts, ds.take_all())
+
+
+def _next_token_vllm(model: str, prompts: list[dict], top_k: int, g: GenerationConfig) -> list[dict]:
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from .. import models
+
+    config = vLLMEngineProcessorConfig(
+        model_source=models.engine_source(model),
+        engine_kwargs={"enable_prefix_caching": True, "max_logprobs": max(top_k, 20), **g.vllm_engine_kwargs},
+        concurrency=g.num_actors,
+        batch_size=g.batch_size,
+    )
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"id": row["id"], "messages": row["messages"],
+                                "sampling_params": {"temperature": 0.0, "max_tokens": 1, "logprobs": top_k}},
+        postprocess=lambda row: vllm_top_logprobs(row, top_k),
+    )
+    ds = ray.data.from_items([{"id": p["id"], "messages": p["messages"]} for p in prompts])
+    return _ordered(prompts, processor(ds).take_all())
+
+
+def next_token_logprobs(model: str, prompts: list[dict], top_k: int, g: GenerationConfig) -> list[dict]:
+    """The top-``top_k`` log-probabilities of the first answer token of ``model`` for each of ``prompts``
+    (``[{"id", "messages"}]``), with ``g``'s backend, in input order: ``{"id", "answer"`` (that token's text),
+    ``"num_new_tokens"`` (1), ``"top_logprobs"``: ``[{"token", "logprob"}]``, best first}``."""
+    if not prompts:
+        return []
+    ids = [p["id"] for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise GenerationError("prompt ids are not unique")
+    if top_k < 1:
+        raise GenerationError(f"top_k {top_k}: at least one log-probability")
+    if g.backend == "transformers":
+        return _next_token_transformers(model, prompts, top_k, g)
+    if g.backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise GenerationError("backend vllm (generate.backend or judge.generate.backend) needs the vllm extra: "
+                                  "pip install 'alignment[vllm]'") from e
+        return _next_token_vllm(model, prompts, top_k, g)
+    raise GenerationError(f"unknown generation backend {g.backend!r}")
 
 
 def _generate_transformers(model: str, prompts: list[dict], g: GenerateConfig) -> list[dict]:

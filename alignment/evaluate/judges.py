@@ -6,7 +6,8 @@ model answer them (a local model through ``generate``, or an OpenAI-compatible e
 aligned with the requests, into per-item verdicts and a summary with ``score``. Every protocol keeps the same
 contract, which tests/evaluate/test_judges.py checks on every entry:
 
-- each request is ``{"id", "messages", ...}`` with a unique ``id``; each answer ``{"answer", "error"?}``;
+- each request is ``{"id", "messages", ...}`` with a unique ``id``; each answer ``{"answer", "error"?}`` (and
+  ``top_logprobs`` for an entry with ``logprobs``: the judge's first token's, from the endpoint or the local model);
 - a judgement that cannot be parsed, or that failed at the endpoint, is counted (``unparsed_judgements``,
   ``failed_judgements``) and its item's verdict is ``invalid``, left out of every rate: never guessed;
 - the summary holds the ``COUNTS`` below and the entry's ``settings``, ``counts`` and ``metrics``.
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import mt_bench, pair_v2, pairwise
+from . import alpaca_eval, mt_bench, pair_v2, pairwise
 
 if TYPE_CHECKING:
     from ..config import JudgeConfig
@@ -50,6 +51,11 @@ class Judge:
     # True: ``build`` gets the answers as id -> the generate stage's answers.jsonl row (per-turn answers, category),
     # not id -> answer text; a protocol that grades every turn needs them.
     answer_rows: bool = False
+    # > 0: the judgement is the top log-probabilities of the judge's first answer token, this many of them (each
+    # answer carries ``top_logprobs``: ``[{"token", "logprob"}]``; the endpoint is asked for one token); 0: a text.
+    logprobs: int = 0
+    # Metrics that may be None even with valid items (the summary says why), e.g. a rate that needs a file.
+    optional: tuple[str, ...] = ()
 
 
 JUDGES: dict[str, Judge] = {
@@ -94,6 +100,28 @@ JUDGES: dict[str, Judge] = {
         "without a rating is counted and left out; *invalid* counts prompts with no rating at all.",
         check=mt_bench.check,
         answer_rows=True,
+    ),
+    "alpaca_eval": Judge(
+        build=alpaca_eval.requests_for,
+        score=alpaca_eval.score_for,
+        metrics=("win_rate", "alpaca_win_rate", "alpaca_standard_error", "discrete_win_rate", "lc_win_rate",
+                 "lc_standard_error", "lc_win_rate_estimate", "avg_length", "baseline_avg_length"),
+        counts=("prompts", "valid", "win", "tie", "loss", "invalid", "judgements", "unparsed_judgements",
+                "failed_judgements"),
+        settings=("annotator", "alpaca_eval_version", "lc_glm", "lc_win_rate_reason"),
+        columns=(("win", "win"), ("tie", "tie"), ("loss", "loss"), ("invalid", "invalid"),
+                 ("alpaca_win_rate", "win rate %"), ("alpaca_standard_error", "SE"), ("lc_win_rate", "LC win rate %"),
+                 ("lc_win_rate_estimate", "LC estimate % (not AlpacaEval's)"), ("avg_length", "avg length"),
+                 ("baseline_avg_length", "baseline avg length")),
+        describe=alpaca_eval.describe,
+        note="AlpacaEval 2's numbers, in percent, over valid prompts (the judge's first token has log-probabilities "
+        "for m or M): the win rate is the mean preference for the model, alpaca_eval's weighted win rate; *LC* is "
+        "its length-controlled win rate (alpaca_eval's GLM, which needs its df_gamed.csv); where that cannot be "
+        "computed, *LC estimate* is the GLM's length term alone (length_controlled_minimal), not AlpacaEval's "
+        "number; *invalid* counts prompts with an unparsed or failed judgement.",
+        check=alpaca_eval.check,
+        logprobs=alpaca_eval.TOP_LOGPROBS,
+        optional=("lc_win_rate", "lc_standard_error", "lc_win_rate_estimate"),
     ),
 }
 

@@ -10,14 +10,24 @@ import pytest
 from conftest import shared, write_jsonl
 
 from alignment import pipeline
-from alignment.config import ConfigError, ExperimentConfig, JudgeConfig, SearchConfig, load_config
+from alignment.config import ConfigError, ExperimentConfig, JudgeConfig, SearchConfig, SearchMetric, load_config
 from alignment.evaluate import COUNTS, JUDGES, METRICS, SUMMARY_KEYS, heldout
 
 # One well-formed judge output per protocol: a new judge adds its own here (the first test checks).
 WELL_FORMED = {"vicuna_pairwise": "8 3\nAssistant 1 answers the question.",
                "pair_v2": "Assistant A answers the question; B does not.\n\n[[A]]",
-               "mt_bench": "The answer is helpful and correct.\n\nRating: [[8]]"}
+               "mt_bench": "The answer is helpful and correct.\n\nRating: [[8]]",
+               # A judge that reads log-probabilities (Judge.logprobs): the whole answer, its first token's top ones.
+               "alpaca_eval": {"answer": "M", "top_logprobs": [{"token": "M", "logprob": -0.2},
+                                                               {"token": "m", "logprob": -1.8},
+                                                               {"token": "Both", "logprob": -9.0}]}}
 UNPARSABLE = "I cannot decide which answer is better."
+
+
+def well_formed(protocol: str) -> dict:
+    """A well-formed judge output of ``protocol``: its text, or the whole output where it is more than a text."""
+    w = WELL_FORMED[protocol]
+    return w if isinstance(w, dict) else {"answer": w}
 
 
 def judge_config(protocol: str) -> JudgeConfig:
@@ -35,7 +45,7 @@ def test_the_protocol_literal_is_the_table():
 
 
 def test_every_search_metric_is_a_judge_metric():
-    assert set(get_args(SearchConfig.model_fields["metric"].annotation)) <= set(METRICS) | set(heldout.METRICS)
+    assert set(get_args(SearchMetric)) <= set(METRICS) | set(heldout.METRICS)
     assert SearchConfig().metric in METRICS
 
 
@@ -57,7 +67,7 @@ def test_a_judge_declares_what_its_summary_holds(protocol):
     reqs = kind.build(*questions(kind), j)
     ids = [r["id"] for r in reqs]
     assert len(set(ids)) == len(ids) and all(r["messages"] for r in reqs)
-    _, summary = kind.score(reqs, [{"answer": WELL_FORMED[protocol]} for _ in reqs], j)
+    _, summary = kind.score(reqs, [well_formed(protocol) for _ in reqs], j)
     assert set(kind.settings) | set(kind.counts) | set(kind.metrics) <= set(summary)
     assert isinstance(kind.describe(j.model_dump()), str) and kind.note
 
@@ -66,10 +76,11 @@ def test_a_judge_declares_what_its_summary_holds(protocol):
 def test_a_judge_parses_a_well_formed_judgement(protocol):
     kind, j = JUDGES[protocol], judge_config(protocol)
     reqs = kind.build(*questions(kind), j)
-    verdicts, s = kind.score(reqs, [{"answer": WELL_FORMED[protocol]} for _ in reqs], j)
+    verdicts, s = kind.score(reqs, [well_formed(protocol) for _ in reqs], j)
     assert len(verdicts) == s["prompts"] == 3 and all(v["verdict"] != "invalid" for v in verdicts)
     assert (s["valid"], s["invalid"], s["unparsed_judgements"], s["failed_judgements"]) == (3, 0, 0, 0)
-    assert all(isinstance(s[m], float) for m in kind.metrics)
+    assert all(isinstance(s[m], float) for m in kind.metrics if m not in kind.optional)
+    assert all(s[m] is None or isinstance(s[m], float) for m in kind.optional)
 
 
 @pytest.mark.parametrize("protocol", sorted(JUDGES))
@@ -81,7 +92,7 @@ def test_a_judge_refuses_to_guess(protocol, bad):
     reqs = kind.build(*questions(kind), j)
     wrong = {"answer": UNPARSABLE} if bad == "unparsed" else {"answer": "", "error": "URLError: refused"}
     # Every judgement of q0 goes wrong, the others are well formed.
-    outs = [wrong if r["id"].startswith("q0") else {"answer": WELL_FORMED[protocol]} for r in reqs]
+    outs = [wrong if r["id"].startswith("q0") else well_formed(protocol) for r in reqs]
     n_wrong = sum(r["id"].startswith("q0") for r in reqs)
     verdicts, s = kind.score(reqs, outs, j)
     assert [v["verdict"] == "invalid" for v in verdicts] == [True, False, False]

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import shared
+from conftest import chat_completion, shared
 
 from alignment import formats, pipeline
 from alignment.config import ConfigError, ExperimentConfig, GenerateConfig, JudgeConfig, load_config
@@ -306,56 +304,35 @@ def test_vllm_gets_each_rows_temperature_and_seed(monkeypatch):
 # ------------------------------------------------------------------------------------------ end to end
 
 
-class RatingEndpoint:
-    """A chat-completions endpoint on the loopback that grades by the answer markers in the prompt: the graded
+class Rating:
+    """How the fake endpoint (the ``fake_endpoint`` fixture) grades, by the answer markers in the prompt: the graded
     turn's answer is the last marker; some judgements hold no rating, some requests are refused (400)."""
 
     MARK = re.compile(r"(target|baseline)-answer-(\d+)-(\d)")
 
-    def __init__(self):
+    def __init__(self, requests: list[dict]):
         self.table: dict[tuple[str, str, int], float] = {}  # (model, qid, turn) -> the score FastChat records
-        self.requests: list[dict] = []
-        outer = self
+        self.seen = requests
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                model, qid, turn = outer.MARK.findall(body["messages"][-1]["content"])[-1]
-                key, n = (model, qid, int(turn)), int(qid) * 3 + int(turn) + (model == "baseline")
-                if n % 19 == 0:
-                    outer.table[key] = -1
-                    self.reply(400, {"error": {"message": "refused"}})
-                    return
-                text = "I cannot rate this." if n % 13 == 0 else f"Explanation.\n\nRating: [[{n % 10 + 1}]]"
-                outer.table[key] = -1 if n % 13 == 0 else n % 10 + 1
-                self.reply(200, {"choices": [{"message": {"content": text}}], "usage": {"completion_tokens": 9}})
+    @property
+    def requests(self) -> list[dict]:
+        return [r["body"] for r in self.seen]
 
-            def reply(self, code: int, obj: dict) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def __call__(self, body: dict) -> dict | tuple[int, dict]:
+        model, qid, turn = self.MARK.findall(body["messages"][-1]["content"])[-1]
+        key, n = (model, qid, int(turn)), int(qid) * 3 + int(turn) + (model == "baseline")
+        if n % 19 == 0:
+            self.table[key] = -1
+            return 400, {"error": {"message": "refused"}}
+        text = "I cannot rate this." if n % 13 == 0 else f"Explanation.\n\nRating: [[{n % 10 + 1}]]"
+        self.table[key] = -1 if n % 13 == 0 else n % 10 + 1
+        return chat_completion(text, completion_tokens=9)
 
 
 @pytest.fixture()
-def rating_endpoint(monkeypatch):
-    ep = RatingEndpoint()
-    monkeypatch.setenv("TEST_MT_URL", ep.url)
-    monkeypatch.setenv("TEST_MT_KEY", "sk-mt-bench-test")
-    yield ep
-    ep.server.shutdown()
-    ep.server.server_close()
+def rating_endpoint(fake_endpoint):
+    fake_endpoint.reply = Rating(fake_endpoint)
+    return fake_endpoint.reply
 
 
 def test_the_judge_stage_on_the_80_questions_equals_show_result(tmp_path, monkeypatch, rating_endpoint):
@@ -370,7 +347,7 @@ def test_the_judge_stage_on_the_80_questions_equals_show_result(tmp_path, monkey
     cfg = ExperimentConfig.model_validate({
         "run_dir": str(tmp_path / "run"), "data": {"eval_prompts": questions_file()},
         "judge": {"protocol": "mt_bench", "prompts": prompts_file(), "references": refs_file(), "backend": "openai",
-                  "model": "judge-m", "api_base_env": "TEST_MT_URL", "api_key_env": "TEST_MT_KEY",
+                  "model": "judge-m", "api_base_env": "TEST_JUDGE_URL", "api_key_env": "TEST_JUDGE_KEY",
                   "max_retries": 1, "retry_backoff_s": 0.001, "max_failed_fraction": 0.1, "max_new_tokens": 2048}})
     target = pipeline.generate_stage(cfg, "target", "target")
     baseline = pipeline.generate_stage(cfg, "baseline", "baseline")

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import shared, write_jsonl
+from conftest import chat_completion, shared, write_jsonl
 
 from alignment import pipeline
 from alignment.config import ConfigError, ExperimentConfig, JudgeConfig, load_config
@@ -214,39 +212,13 @@ def test_verdicts_and_aggregates_follow_fastchats_code(prompts_file):
 
 
 class Judging:
-    """A chat-completions endpoint on the loopback that judges by a hash of the request: [[A]], [[B]], [[C]], an
-    explanation without a verdict, or a persistent 500. Every request body is kept."""
+    """How the fake endpoint (the ``fake_endpoint`` fixture) judges, by a hash of the request: [[A]], [[B]], [[C]],
+    an explanation without a verdict, or a persistent 500."""
 
-    def __init__(self):
-        self.bodies, self.lock = [], threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.bodies.append(body)
-                reply = outer.judgement(body["messages"])
-                if reply is None:
-                    self.send_response(500)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                data = json.dumps({"choices": [{"message": {"content": reply}}],
-                                   "usage": {"completion_tokens": 9}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @staticmethod
+    def reply(body: dict) -> dict | int:
+        text = Judging.judgement(body["messages"])
+        return 500 if text is None else chat_completion(text, completion_tokens=9)
 
     @staticmethod
     def judgement(messages: list[dict]) -> str | None:
@@ -258,7 +230,7 @@ class Judging:
         return f"Comparing the two answers.\n\n{('[[A]]', '[[B]]', '[[C]]', '[[A]]', '[[B]]')[h % 5]}"
 
 
-def test_the_vicuna_set_judged_end_to_end_gives_show_results_numbers(tmp_path, monkeypatch, prompts_file,
+def test_the_vicuna_set_judged_end_to_end_gives_show_results_numbers(tmp_path, fake_endpoint, prompts_file,
                                                                      raw_pair_v2):
     rows = [json.loads(line) for line in shared("eval_prompts", "vicuna_test_set.jsonl").read_text().splitlines()]
     assert len(rows) == 80
@@ -270,25 +242,19 @@ def test_the_vicuna_set_judged_end_to_end_gives_show_results_numbers(tmp_path, m
         path = write_jsonl(tmp_path / label / "answers.jsonl",
                            [{**q, "answer": answers[label][q["id"]]} for q in questions])
         stages.append({"outputs": {"answers": str(path)}, "dir": str(path.parent), "label": label})
-    ep = Judging()
-    monkeypatch.setenv("TEST_PAIR_URL", ep.url)
-    monkeypatch.setenv("TEST_PAIR_KEY", "sk-pair-0123")
+    fake_endpoint.reply = Judging.reply
     cfg = ExperimentConfig.model_validate({"run_dir": str(tmp_path / "run"), "judge": {
         "protocol": "pair_v2", "prompts": str(prompts_file), "backend": "openai", "model": "gpt-4",
-        "api_base_env": "TEST_PAIR_URL", "api_key_env": "TEST_PAIR_KEY", "max_retries": 1, "retry_backoff_s": 0.001,
+        "api_base_env": "TEST_JUDGE_URL", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 1, "retry_backoff_s": 0.001,
         "max_failed_fraction": 0.2, "max_new_tokens": 2048}})
-    try:
-        done = pipeline.judge_stage(cfg, *stages)
-    finally:
-        ep.server.shutdown()
-        ep.server.server_close()
+    done = pipeline.judge_stage(cfg, *stages)
 
     # Every request is FastChat's: pair-v2's system prompt and template, the target as A, then as B.
     expected = {}
     for q in questions:
         text, t, b = q["messages"][-1]["content"], answers["target"][q["id"]], answers["baseline"][q["id"]]
         expected[q["id"]] = (fastchat_request(raw_pair_v2, text, t, b), fastchat_request(raw_pair_v2, text, b, t))
-    sent = {json.dumps(body["messages"]) for body in ep.bodies}
+    sent = {json.dumps(r["body"]["messages"]) for r in fake_endpoint}
     assert sent == {json.dumps(m) for pair in expected.values() for m in pair}
 
     # The aggregates, by show_result's rules from the same judgements (a failed request is FastChat's error).
@@ -307,4 +273,4 @@ def test_the_vicuna_set_judged_end_to_end_gives_show_results_numbers(tmp_path, m
     assert (m["failed_judgements"], m["unparsed_judgements"]) == (failed, unparsed - failed)
     verdicts = [json.loads(line) for line in Path(done["outputs"]["verdicts"]).read_text().splitlines()]
     assert len(verdicts) == 80 and sum(v["verdict"] == "invalid" for v in verdicts) == m["invalid"]
-    assert "sk-pair-0123" not in "".join(p.read_text() for p in Path(done["dir"]).iterdir() if p.is_file())
+    assert fake_endpoint.key not in "".join(p.read_text() for p in Path(done["dir"]).iterdir() if p.is_file())
