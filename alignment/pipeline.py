@@ -369,22 +369,23 @@ def baseline_model(cfg: ExperimentConfig) -> str:
     return models.resolve(cfg.judge.baseline or cfg.model.base)
 
 
-def _judge_openai(msgs: list[dict], j: Any, d: Path) -> tuple[list[dict], dict[str, Any]]:
+def _judge_openai(msgs: list[dict], j: Any, d: Path, top_logprobs: int = 0) -> tuple[list[dict], dict[str, Any]]:
     """The judge endpoint's answers and the requests' counts. Each answer is stored in ``responses.jsonl`` as it
     arrives, so that a re-run of a failed stage (the same directory) sends only the requests without one; more
-    than ``judge.max_failed_fraction`` of the requests failed after their retries fails the stage."""
+    than ``judge.max_failed_fraction`` of the requests failed after their retries fails the stage. ``top_logprobs``
+    > 0 (a judge that reads log-probabilities): one token is asked for, with its top log-probabilities."""
     cache_path = d / "responses.jsonl"
     cache = endpoints.read_cache(cache_path)
     with open(cache_path, "a") as f:
         def keep(o: dict) -> None:
             if not o["error"]:
-                f.write(endpoints.cache_line(o["key"], o["answer"], o["num_new_tokens"]))
+                f.write(endpoints.cache_line(o["key"], o["answer"], o["num_new_tokens"], o.get("top_logprobs")))
                 f.flush()
 
         outs = endpoints.complete_openai(msgs, j.model, endpoints.Endpoint(j.api_base_env, j.api_key_env),
-                                         j.max_new_tokens, j.timeout_s, workers=j.concurrency,
+                                         1 if top_logprobs else j.max_new_tokens, j.timeout_s, workers=j.concurrency,
                                          retry=endpoints.Retry(j.max_retries, j.retry_backoff_s), cache=cache,
-                                         on_result=keep)
+                                         on_result=keep, top_logprobs=top_logprobs)
     failed: dict[str, int] = {}
     for o in outs:
         if o["error"]:
@@ -438,10 +439,14 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
                                   {i: r["answer"] for i, r in b_rows.items()}, j)
         msgs = [{"id": r["id"], "messages": r["messages"]} for r in requests]
         requested: dict[str, Any] = {}
-        if j.backend == "local":
+        if j.backend == "local" and kind.logprobs:  # the judgement is the first token's top log-probabilities
+            from .evaluate.generate import next_token_logprobs
+
+            outs = next_token_logprobs(judge_model, msgs, kind.logprobs, gen)
+        elif j.backend == "local":
             outs = generate(judge_model, msgs, gen)
         else:
-            outs, requested = _judge_openai(msgs, j, d)
+            outs, requested = _judge_openai(msgs, j, d, kind.logprobs)
         verdicts, summary = kind.score(requests, outs, j)
         _write_jsonl(d / "verdicts.jsonl", verdicts)
         write_json(d / "results.json", summary)
@@ -488,14 +493,15 @@ def suite_baseline(cfg: ExperimentConfig, suite: str) -> EvalModelConfig:
     return s.baseline or EvalModelConfig(name=cfg.suite_judge(suite).baseline or cfg.model.base)
 
 
-def suite_stages(cfg: ExperimentConfig, suite: str, src: EvalModelConfig) -> dict[str, Any]:
+def suite_stages(cfg: ExperimentConfig, suite: str, src: EvalModelConfig, label: str | None = None) -> dict[str, Any]:
     """``src`` on ``evaluate.suites.<suite>``: its answers (``evaluate/<suite>/answers/``), the baseline's, and the
-    judge's verdicts (``evaluate/<suite>/<model>-<key>/``); ``{"answers", "baseline", "judge"}`` manifests."""
+    judge's verdicts (``evaluate/<suite>/<label>-<key>/``; the label defaults to the model's name's last part);
+    ``{"answers", "baseline", "judge"}`` manifests."""
     scfg = cfg.suite(suite)
     where = f"evaluate/{suite}/answers"
     base_src = suite_baseline(cfg, suite)
     baseline = answers_stage(scfg, base_src, _model_label(base_src.name), where)
-    answers = answers_stage(scfg, src, _model_label(src.name), where)
+    answers = answers_stage(scfg, src, label or _model_label(src.name), where)
     judged = judge_stage(scfg, answers, baseline, f"evaluate/{suite}")
     return {"answers": answers, "baseline": baseline, "judge": judged}
 
@@ -569,6 +575,9 @@ def run_point(cfg: ExperimentConfig) -> dict[str, Any]:
     # The judge's summary and the held-out preference metrics (a pref stage from before them has none: null).
     m = {**dict.fromkeys(heldout.METRICS), **point["pref"]["metrics"].get("heldout", {}),
          **point["judge"]["metrics"]}
+    for name in cfg.search.suites:  # each suite on the trained model, its metrics as <suite>/<metric>
+        judged = suite_stages(cfg, name, EvalModelConfig(name=point["model"]), point["target"]["label"])["judge"]
+        m.update({f"{name}/{k}": judged["metrics"].get(k) for k in JUDGES[cfg.suite_judge(name).protocol].metrics})
     return {"k": cfg.select.k, "sft_step": cfg.pref.sft_step, "method": cfg.pref.method,
             "num_pairs": cfg.pref.num_pairs, "start_from": cfg.pref.start_from, "metric": m.get(cfg.search.metric),
             **m, "model": point["model"], "judge_dir": point["judge"]["dir"]}
@@ -654,13 +663,19 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
         else:
             names["judge.model"] = cfg.judge.model
         kind = JUDGES[cfg.judge.protocol]
-        if cfg.data.eval_prompts:
-            _check_data("data.eval_prompts", [cfg.data.eval_prompts], cfg.run_dir)
-            _check_protocol("", cfg)
+        _check_protocol("", cfg)
         # A judge metric this protocol does not report would leave every trial's objective empty.
         if command in ("search", "run") and cfg.search.metric in heldout.METRICS and cfg.pref.eval_rows == 0:
             raise ConfigError(f"search.metric: {cfg.search.metric} is measured on held-out preference pairs, and "
                               "pref.eval_rows is 0: hold some out (e.g. pref.eval_rows=32)")
+        if command in ("search", "run"):
+            for name in cfg.search.suites:
+                _check_suite(cfg, name, names)
+            suite, _, metric = cfg.search.metric.rpartition("/")
+            protocol = cfg.suite_judge(suite).protocol if suite else None
+            if suite and metric not in JUDGES[protocol].metrics:
+                raise ConfigError(f"search.metric: {metric} is not a metric of the suite {suite}'s protocol "
+                                  f"{protocol} ({', '.join(JUDGES[protocol].metrics)})")
         if command in ("search", "run") and cfg.search.metric in METRICS and cfg.search.metric not in kind.metrics:
             raise ConfigError(f"search.metric: {cfg.search.metric} is not a metric of judge.protocol "
                               f"{cfg.judge.protocol} ({', '.join(kind.metrics)})")
@@ -703,25 +718,8 @@ def _check_evaluate(cfg: ExperimentConfig) -> None:
     names: dict[str, str] = {}
     for i, m in enumerate(ev.models):
         _check_source(f"evaluate.models[{i}]", m, names)
-    for name, suite in ev.suites.items():
-        key, scfg = f"evaluate.suites.{name}", cfg.suite(name)
-        _check_data(f"{key}.prompts", [suite.prompts], cfg.run_dir)
-        j = scfg.judge
-        if j.backend == "openai":
-            _endpoint_set(f"{key}.judge", j.api_base_env, j.api_key_env)
-        else:
-            names[f"{key}.judge.model"] = j.model
-        _check_protocol(key, scfg)
-        base = suite_baseline(cfg, name)
-        _check_source(f"{key}.baseline", base, names)
-        prompts = None
-        for what, m in [*((f"evaluate.models[{i}]", m) for i, m in enumerate(ev.models)), (f"{key}.baseline", base)]:
-            if m.answers:
-                prompts = prompts or eval_prompts(scfg)[0]
-                try:
-                    sources.match(prompts, sources.read_answers(m.answers), m.answers)
-                except sources.AnswersError as e:
-                    raise sources.AnswersError(f"{what} on {key}: {e}") from None
+    for name in ev.suites:
+        _check_suite(cfg, name, names, [(f"evaluate.models[{i}]", m) for i, m in enumerate(ev.models)])
     if b.tasks:
         if importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("evaluate.benchmarks needs lm-eval: pip install 'alignment[eval]'")
@@ -736,6 +734,30 @@ def _check_evaluate(cfg: ExperimentConfig) -> None:
             models.check(name)
         except models.ModelError as e:
             raise models.ModelError(f"{key}: {e}") from None
+
+
+def _check_suite(cfg: ExperimentConfig, name: str, names: dict[str, str],
+                 evaluated: list[tuple[str, EvalModelConfig]] | None = None) -> None:
+    """``evaluate.suites.<name>``: its prompts, judge, protocol and baseline; the answers files among the baseline
+    and ``evaluated`` ((key, model) pairs) answer each of its prompts. Models to load are added to ``names``."""
+    key, scfg = f"evaluate.suites.{name}", cfg.suite(name)
+    _check_data(f"{key}.prompts", [scfg.data.eval_prompts], cfg.run_dir)
+    j = scfg.judge
+    if j.backend == "openai":
+        _endpoint_set(f"{key}.judge", j.api_base_env, j.api_key_env)
+    else:
+        names[f"{key}.judge.model"] = j.model
+    _check_protocol(key, scfg)
+    base = suite_baseline(cfg, name)
+    _check_source(f"{key}.baseline", base, names)
+    prompts = None
+    for what, m in [*(evaluated or []), (f"{key}.baseline", base)]:
+        if m.answers:
+            prompts = prompts or eval_prompts(scfg)[0]
+            try:
+                sources.match(prompts, sources.read_answers(m.answers), m.answers)
+            except sources.AnswersError as e:
+                raise sources.AnswersError(f"{what} on {key}: {e}") from None
 
 
 def _check_source(key: str, m: EvalModelConfig, names: dict[str, str]) -> None:
@@ -759,7 +781,8 @@ def _check_protocol(key: str, cfg: ExperimentConfig) -> None:
         if not key:
             raise
         raise type(e)(f"{key}: {e}") from None
-    if cfg.judge.protocol == "mt_bench":
+    if cfg.judge.protocol == "mt_bench" and cfg.data.eval_prompts:
+        _check_data(f"{key}.prompts" if key else "data.eval_prompts", [cfg.data.eval_prompts], cfg.run_dir)
         plain = [r["id"] for r in eval_prompts(cfg)[0] if "question_turns" not in r]
         if plain:
             where = f"{key}: " if key else ""

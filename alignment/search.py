@@ -96,7 +96,8 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable) -> tuple[list[dict[str
             m = dict(r.metrics)
             metric = m.get("metric")
             m["metric"] = None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else metric
-            row.update({k: v for k, v in m.items() if k in _KEEP or k.endswith("_rate")})
+            row.update({k: v for k, v in m.items()
+                        if k in _KEEP or k.endswith("_rate") or k.partition("/")[0] in cfg.search.suites})
         results.append(row)
     order = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
     results.sort(key=lambda r: order.get(json.dumps({k: r[k] for k in points[0]}, sort_keys=True), 0))

@@ -52,7 +52,8 @@ def test_a_one_turn_answer_to_a_two_turn_question_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "c"}], r"row 1: instruction 'a' is answered twice"),
+    ([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "c"}],
+     r"row 1: instruction 'a' is answered twice"),
     ([{"instruction": "a", "output": None}], r"row 0: field output is missing"),
     ([{"question_id": 1, "choices": [{"turns": ["a", 3]}]}], r"row 0: field choices\[0\].turns\[1\] is int, not text"),
     ([{"question_id": 1, "choices": []}], r"row 0: field choices: FastChat's"),
@@ -135,8 +136,9 @@ def test_alignment_evaluate_checks_answers_files_and_prompt_shapes_before_ray(tm
     err = capsys.readouterr().err
     assert "evaluate.suites.vicuna.baseline on evaluate.suites.vicuna" in err and "no answer for 1 of the 5" in err
     # MT-Bench grading of prompts that are not MT-Bench questions.
+    judge_prompts = shared("eval_prompts", "fastchat_judge_prompts.jsonl")
     assert cli.main(["evaluate", "-c", str(path), "evaluate.suites.vicuna.judge.protocol=mt_bench",
-                     f"evaluate.suites.vicuna.judge.prompts={shared('eval_prompts', 'fastchat_judge_prompts.jsonl')}"]) == 2
+                     f"evaluate.suites.vicuna.judge.prompts={judge_prompts}"]) == 2
     assert "judge.protocol mt_bench grades MT-Bench questions" in capsys.readouterr().err
     # Two models with one label.
     assert cli.main(["evaluate", "-c", str(path), f"evaluate.models=[{tiny_model}, a/{tiny_model.name}]"]) == 2

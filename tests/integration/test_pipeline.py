@@ -23,6 +23,9 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     exp["pref"]["eval_rows"] = 4  # held-out pairs: the search's metric is their preference accuracy,
     exp["pref"]["eval_at_checkpoints"] = False  # scored after training only (no eval loss per checkpoint)
     exp["search"]["metric"] = "pref_accuracy"
+    # A suite of evaluate.suites on every point's trained model too, after its judge stage.
+    exp["evaluate"] = {"suites": {"again": {"prompts": str(EXAMPLES / "eval_prompts.jsonl"), "max_prompts": 2}}}
+    exp["search"]["suites"] = ["again"]
     cfg = load_config(write_config(tmp_path, exp))
     run = Path(cfg.run_dir)
 
@@ -30,6 +33,9 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert point["prompts"] == 4 and point["judgements"] == 8
     assert point["valid"] + point["invalid"] == 4
     assert point["win"] + point["tie"] + point["loss"] == point["valid"]
+    (suite,) = manifests(run, "evaluate/again")
+    assert suite["metrics"]["prompts"] == 2 and point["again/win_rate"] == suite["metrics"]["win_rate"]
+    assert suite["label"] == point["judge_dir"].rsplit("/", 1)[-1].rsplit("-", 1)[0]  # the point's label
 
     (sel,) = manifests(run, "select")
     c = sel["counts"]
@@ -63,6 +69,8 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     prefs = manifests(run, "pref")
     assert sorted(p["outputs"]["start"]["sft_step"] for p in prefs) == [2, 4]
     assert len(manifests(run, "generate")) == 3  # baseline once, two trained models
+    assert len(manifests(run, "evaluate/again")) == 2 and len(manifests(run, "evaluate/again/answers")) == 3
+    assert all(set(r) >= {"again/win_rate", "again/order_disagreement_rate"} for r in out["results"])
     report = Path(out["report"]["markdown"]).read_text()
     assert "aggregation rule **sum**" in report and "| 8 | 4 |" in report and "held-out pref. accuracy" in report
     assert Path(out["report"]["plot"]).stat().st_size > 1000 and Path(out["report"]["html"]).is_file()
