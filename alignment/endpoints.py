@@ -190,10 +190,19 @@ class Endpoint:
         return f"Endpoint({self.url!r}, key={'***' if self._key else None})"
 
 
-def request_key(model: str, messages: list[dict], max_tokens: int, top_logprobs: int = 0) -> str:
-    """What a cached answer is filed under: a hash of the model and the whole request (the log-probabilities it
-    asks for among it; a request without them keeps the key it always had)."""
-    asked = {"model": model, "messages": messages, "max_tokens": max_tokens}
+def sampling(p: dict) -> dict:
+    """A prompt's sampling settings as the request carries them: none for greedy (temperature 0, the default);
+    else its ``temperature`` and, where it has one, its ``seed`` (honoured by vLLM's and OpenAI's servers)."""
+    t = p.get("temperature") or 0.0
+    return {} if t == 0 else {"temperature": t, **({"seed": p["seed"]} if p.get("seed") is not None else {})}
+
+
+def request_key(model: str, messages: list[dict], max_tokens: int, top_logprobs: int = 0,
+                sampled: dict | None = None) -> str:
+    """What a cached answer is filed under: a hash of the model and the whole request (the log-probabilities and
+    the sampling settings it asks for among it; a greedy request without log-probabilities keeps the key it
+    always had)."""
+    asked = {"model": model, "messages": messages, "max_tokens": max_tokens, **(sampled or {})}
     if top_logprobs:
         asked["top_logprobs"] = top_logprobs
     text = json.dumps(asked, sort_keys=True)
@@ -203,7 +212,8 @@ def request_key(model: str, messages: list[dict], max_tokens: int, top_logprobs:
 def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tokens: int, timeout: float = 120.0,
                     workers: int = 8, retry: Retry = Retry(), cache: dict[str, dict] | None = None,
                     on_result: Callable[[dict], None] | None = None, top_logprobs: int = 0) -> list[dict]:
-    """Greedy chat completions from an OpenAI-compatible endpoint, one per prompt, in the prompts' order:
+    """Chat completions from an OpenAI-compatible endpoint, one per prompt, in the prompts' order, greedy unless
+    a prompt has a ``temperature`` (and ``seed``: :func:`sampling`):
     ``id``, ``key`` (:func:`request_key`), ``answer``, ``num_new_tokens``, ``cached``, ``error`` and ``error_kind``
     (None unless the request failed after its retries). A prompt whose key is in ``cache`` (key -> an earlier
     answer) is answered from it, unsent. ``on_result`` sees each sent request's result in this thread as it
@@ -220,7 +230,8 @@ def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tok
     streak = {"failed": 0, "last": ""}  # requests failed in a row (after their retries), and the last error
 
     def one(p: dict) -> dict:
-        payload = {"model": model, "messages": p["messages"], "temperature": 0.0, "max_tokens": max_tokens}
+        payload = {"model": model, "messages": p["messages"], "temperature": 0.0, "max_tokens": max_tokens,
+                   **sampling(p)}
         if top_logprobs:
             payload.update(logprobs=True, top_logprobs=top_logprobs)
         with lock:
@@ -248,7 +259,7 @@ def complete_openai(prompts: list[dict], model: str, endpoint: Endpoint, max_tok
     todo = []
     logprobs = {"top_logprobs": None} if top_logprobs else {}  # every result has the key when they are asked for
     for i, p in enumerate(prompts):
-        key = request_key(model, p["messages"], max_tokens, top_logprobs)
+        key = request_key(model, p["messages"], max_tokens, top_logprobs, sampling(p))
         hit = (cache or {}).get(key)
         if hit is None:
             todo.append((i, key, p))

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment import cli, formats
+from alignment import cli, formats, pipeline
+from alignment.config import EvalModelConfig, load_config
+from alignment.endpoints import GenerationError
 from alignment.evaluate import sources
-from tests.conftest import shared
+from alignment.evaluate.generate import category_temperature, turn_seed
+from tests.conftest import chat_completion, shared
 
 ALPACA = shared("eval_prompts", "alpaca_eval_gpt4_1106_preview_reference.json")
 MT_QUESTIONS = shared("eval_prompts", "mt_bench_questions.jsonl")
@@ -145,3 +148,35 @@ def test_alignment_evaluate_checks_answers_files_and_prompt_shapes_before_ray(tm
     assert "would share the label" in capsys.readouterr().err
     assert cli.main(["evaluate", "-c", str(path), "evaluate.suites={}"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_a_served_model_answers_mt_bench_turn_by_turn_at_fastchats_temperatures(tmp_path, fake_endpoint):
+    endpoint = {"api_base_env": "TEST_JUDGE_URL", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 0}
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", "generate.max_new_tokens=7",
+        f"evaluate.suites={{mt: {{prompts: {MT_QUESTIONS}, max_prompts: 22}}}}"])
+    served = EvalModelConfig(name="served", endpoint=endpoint)
+    # Turn 1 of question 83 fails after its retries: the stage fails, keeping the answers that came.
+    fake_endpoint.reply = lambda body: (500 if body["messages"][-1]["content"].startswith("Imagine you are writing a "
+                                        "blog post comparing") else chat_completion(f"answer {len(body['messages'])}"))
+    with pytest.raises(GenerationError, match=r"served: 1 of 22 requests .* failed after their retries"):
+        pipeline.answers_stage(cfg.suite("mt"), served, "served", "evaluate/mt/answers")
+    first = len(fake_endpoint)
+    assert first == 22  # turn 1 of every question; turn 2 is never asked after a failed turn 1
+    fake_endpoint.reply = lambda body: chat_completion(f"answer {len(body['messages'])}")
+    done = pipeline.answers_stage(cfg.suite("mt"), served, "served", "evaluate/mt/answers")
+    again = [s["body"] for s in fake_endpoint[first:]]
+    assert len(again) == 1 + 22  # the failed turn 1, then every turn 2
+    rows = {r["id"]: r for r in map(json.loads, Path(done["outputs"]["answers"]).read_text().splitlines())}
+    prompts, _ = formats.read_rows(str(MT_QUESTIONS), "eval")
+    for p in prompts[:22]:
+        r = rows[p["id"]]
+        assert r["turns"] == ["answer 1", "answer 3"]  # turn 2 follows the model's own turn-1 answer
+        t = category_temperature(p["category"])
+        asked = [b for b in fake_endpoint if b["body"]["messages"][0]["content"] == p["messages"][0]["content"]]
+        for body in (s["body"] for s in asked):
+            turn = (len(body["messages"]) + 1) // 2
+            assert body["temperature"] == t and body["max_tokens"] == 7
+            assert body.get("seed") == (turn_seed(cfg.seed, p["id"], turn) if t else None)
+    assert {category_temperature(p["category"]) for p in prompts[:22]} == {0.7, 0.0}  # writing, roleplay; reasoning
+    assert done["counts"]["empty_answers"] == 0 and done["metrics"]["mean_new_tokens"] == 5
