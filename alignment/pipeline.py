@@ -369,12 +369,36 @@ def baseline_model(cfg: ExperimentConfig) -> str:
     return models.resolve(cfg.judge.baseline or cfg.model.base)
 
 
-def _judge_openai(msgs: list[dict], j: Any, d: Path, top_logprobs: int = 0) -> tuple[list[dict], dict[str, Any]]:
-    """The judge endpoint's answers and the requests' counts. Each answer is stored in ``responses.jsonl`` as it
-    arrives, so that a re-run of a failed stage (the same directory) sends only the requests without one; more
-    than ``judge.max_failed_fraction`` of the requests failed after their retries fails the stage. ``top_logprobs``
-    > 0 (a judge that reads log-probabilities): one token is asked for, with its top log-probabilities."""
-    cache_path = d / "responses.jsonl"
+def judgement_cache(cfg: ExperimentConfig, judge_id: str) -> Path:
+    """Where the judge ``judge_id`` names keeps its judgements, for every stage of the run: ``<run_dir>/judgements/
+    <judge>-<hash>.jsonl``, each judgement filed under a hash of the judge and the full request (the prompt as the
+    protocol's template made it, so another template version is another request)."""
+    path = _run_dir(cfg) / "judgements" / f"{_model_label(judge_id.split('#')[0])}-{digest(judge_id)}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _judge_local(msgs: list[dict], judge_model: str, judge_id: str, gen: Any, cache_path: Path) -> list[dict]:
+    """The local judge's answers: those in ``cache_path`` (judged by the same model, weights and backend, at the
+    same length) as they are, the others generated and added to it."""
+    cache = endpoints.read_cache(cache_path)
+    keys = [endpoints.request_key(judge_id, m["messages"], gen.max_new_tokens) for m in msgs]
+    todo = [(m, k) for m, k in zip(msgs, keys, strict=True) if k not in cache]
+    outs = generate(judge_model, [m for m, _ in todo], gen) if todo else []
+    with open(cache_path, "a") as f:
+        for (_, key), o in zip(todo, outs, strict=True):
+            cache[key] = {"answer": o["answer"], "num_new_tokens": o["num_new_tokens"]}
+            f.write(endpoints.cache_line(key, o["answer"], o["num_new_tokens"]))
+    return [{"id": m["id"], **cache[k]} for m, k in zip(msgs, keys, strict=True)]
+
+
+def _judge_openai(msgs: list[dict], j: Any, cache_path: Path,
+                  top_logprobs: int = 0) -> tuple[list[dict], dict[str, Any]]:
+    """The judge endpoint's answers and the requests' counts. Each answer is stored in ``cache_path`` (the run's
+    judgement cache) as it arrives, so that a re-run of a failed stage, or another stage asking the same, sends only
+    the requests without one; more than ``judge.max_failed_fraction`` of the requests failed after their retries
+    fails the stage. ``top_logprobs`` > 0 (a judge that reads log-probabilities): one token is asked for, with its
+    top log-probabilities."""
     cache = endpoints.read_cache(cache_path)
     with open(cache_path, "a") as f:
         def keep(o: dict) -> None:
@@ -439,20 +463,22 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
                                   {i: r["answer"] for i, r in b_rows.items()}, j)
         msgs = [{"id": r["id"], "messages": r["messages"]} for r in requests]
         requested: dict[str, Any] = {}
+        judge_id = j.model if j.backend == "openai" else f"{judge_model}#{inputs['judge']}#{gen.backend}"
+        cache_path = judgement_cache(cfg, judge_id)
         if j.backend == "local" and kind.logprobs:  # the judgement is the first token's top log-probabilities
             from .evaluate.generate import next_token_logprobs
 
             outs = next_token_logprobs(judge_model, msgs, kind.logprobs, gen)
         elif j.backend == "local":
-            outs = generate(judge_model, msgs, gen)
+            outs = _judge_local(msgs, judge_model, judge_id, gen, cache_path)
         else:
-            outs, requested = _judge_openai(msgs, j, d, kind.logprobs)
+            outs, requested = _judge_openai(msgs, j, cache_path, kind.logprobs)
         verdicts, summary = kind.score(requests, outs, j)
         _write_jsonl(d / "verdicts.jsonl", verdicts)
         write_json(d / "results.json", summary)
         return {"outputs": {"verdicts": str(d / "verdicts.jsonl"), "results": str(d / "results.json"),
                             "target": target["dir"], "baseline": baseline["dir"],
-                            **({"responses": str(d / "responses.jsonl")} if requested else {})},
+                            **({"judgements": str(cache_path)} if not kind.logprobs or requested else {})},
                 "counts": {**{c: summary[c] for c in COUNTS},
                            **({"endpoint_requests": requested} if requested else {})},
                 "metrics": summary}

@@ -256,7 +256,7 @@ def test_the_805_rows_judged_end_to_end_equal_alpaca_evals_own(tmp_path, ae805, 
     stored = "".join(p.read_text() for p in (tmp_path / "run").rglob("*") if p.is_file())
     assert fake_endpoint.key not in stored
     # The answers are kept with their log-probabilities: a re-run would send nothing.
-    cache = endpoints.read_cache(next((tmp_path / "run").rglob("responses.jsonl")))
+    cache = endpoints.read_cache(next((tmp_path / "run" / "judgements").glob("*.jsonl")))
     assert len(cache) == 805 and all(c["top_logprobs"] for c in cache.values())
 
 

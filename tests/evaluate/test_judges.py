@@ -140,6 +140,26 @@ def test_the_local_judge_follows_the_generate_section_by_default(tmp_path, judge
     assert done["metrics"]["valid"] == 2 and done["counts"] == {c: done["metrics"][c] for c in COUNTS}
 
 
+def test_judgements_are_cached_across_stages_by_judge_and_full_prompt(tmp_path, judged):
+    base = {"run_dir": str(tmp_path / "run"), "judge": {"model": "org/judge", "max_new_tokens": 33, "rule": "sum"}}
+    first = pipeline.judge_stage(ExperimentConfig.model_validate(base), *judge_inputs(tmp_path))
+    assert len(judged) == 1
+    # Another stage (another rule: the same prompts; an evaluate suite's directory): nothing is judged again.
+    strict = ExperimentConfig.model_validate({**base, "judge": {**base["judge"], "rule": "strict"}})
+    again = pipeline.judge_stage(strict, *judge_inputs(tmp_path), stage="evaluate/suite")
+    assert not again["skipped"] and again["dir"] != first["dir"] and len(judged) == 1
+    assert again["outputs"]["judgements"] == first["outputs"]["judgements"]
+    assert again["metrics"]["judgements"] == first["metrics"]["judgements"] == 4
+    # Another prompt (the format example shown first) or another answer length is another request.
+    shown = ExperimentConfig.model_validate({**base, "judge": {**base["judge"], "format_example": True}})
+    pipeline.judge_stage(shown, *judge_inputs(tmp_path))
+    longer = ExperimentConfig.model_validate({**base, "judge": {**base["judge"], "max_new_tokens": 34}})
+    pipeline.judge_stage(longer, *judge_inputs(tmp_path))
+    assert len(judged) == 3
+    lines = Path(first["outputs"]["judgements"]).read_text().splitlines()
+    assert len(lines) == 12  # 4 requests, asked three ways
+
+
 def test_a_judge_generate_section_reaches_the_judges_generation(tmp_path, judged):
     base = {"run_dir": str(tmp_path / "run"), "generate": {"batch_size": 5},
             "judge": {"model": "org/judge", "max_new_tokens": 33}}
