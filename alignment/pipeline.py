@@ -797,8 +797,8 @@ def _check_source(key: str, m: EvalModelConfig, names: dict[str, str]) -> None:
 
 
 def _check_protocol(key: str, cfg: ExperimentConfig) -> None:
-    """The judge's own files (its check), and prompts of the shape it grades: MT-Bench grading needs MT-Bench
-    questions (``turns`` and ``category``), or every prompt would fail in the judge stage, after generation."""
+    """The judge's own files (its check), and prompts of the shape it grades (its ``question``; MT-Bench grading
+    needs MT-Bench questions, ``turns`` and ``category``), or they would fail in the judge stage, after generation."""
     kind = JUDGES[cfg.judge.protocol]
     try:
         if kind.check:
@@ -807,8 +807,15 @@ def _check_protocol(key: str, cfg: ExperimentConfig) -> None:
         if not key:
             raise
         raise type(e)(f"{key}: {e}") from None
-    if cfg.judge.protocol == "mt_bench" and cfg.data.eval_prompts:
+    if (kind.question or cfg.judge.protocol == "mt_bench") and cfg.data.eval_prompts:
         _check_data(f"{key}.prompts" if key else "data.eval_prompts", [cfg.data.eval_prompts], cfg.run_dir)
+    if kind.question and cfg.data.eval_prompts:
+        for row in eval_prompts(cfg)[0]:
+            try:
+                kind.question(row)
+            except AlignmentError as e:
+                raise type(e)(f"{key + ': ' if key else ''}{cfg.data.eval_prompts}: {e}") from None
+    if cfg.judge.protocol == "mt_bench" and cfg.data.eval_prompts:
         plain = [r["id"] for r in eval_prompts(cfg)[0] if "question_turns" not in r]
         if plain:
             where = f"{key}: " if key else ""

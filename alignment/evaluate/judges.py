@@ -48,6 +48,9 @@ class Judge:
     # The judge section -> None, or an InputError naming the key: reads the files the protocol needs (its prompts),
     # run by the pipeline's preflight so that a bad file fails before Ray starts.
     check: Callable[[JudgeConfig], None] | None = None
+    # One eval prompt row -> what the protocol reads of it, or an InputError naming the prompt where it cannot read
+    # it (a single-turn protocol given a conversation): the preflight runs it on every prompt before Ray starts.
+    question: Callable[[dict], Any] | None = None
     # True: ``build`` gets the answers as id -> the generate stage's answers.jsonl row (per-turn answers, category),
     # not id -> answer text; a protocol that grades every turn needs them.
     answer_rows: bool = False
@@ -84,6 +87,7 @@ JUDGES: dict[str, Judge] = {
         note="Rates are over valid prompts (a verdict in both orders, as FastChat's show_result); orders that "
         "disagree are ties; *invalid* counts prompts with an unparsed or failed judgement.",
         check=pair_v2.check,
+        question=pair_v2.question_text,
     ),
     "mt_bench": Judge(
         build=mt_bench.requests_for,
@@ -120,6 +124,7 @@ JUDGES: dict[str, Judge] = {
         "computed, *LC estimate* is the GLM's length term alone (length_controlled_minimal), not AlpacaEval's "
         "number; *invalid* counts prompts with an unparsed or failed judgement.",
         check=alpaca_eval.check,
+        question=alpaca_eval.instruction,
         logprobs=alpaca_eval.TOP_LOGPROBS,
         optional=("lc_win_rate", "lc_standard_error", "lc_win_rate_estimate"),
     ),

@@ -180,3 +180,15 @@ def test_a_served_model_answers_mt_bench_turn_by_turn_at_fastchats_temperatures(
             assert body.get("seed") == (turn_seed(cfg.seed, p["id"], turn) if t else None)
     assert {category_temperature(p["category"]) for p in prompts[:22]} == {0.7, 0.0}  # writing, roleplay; reasoning
     assert done["counts"]["empty_answers"] == 0 and done["metrics"]["mean_new_tokens"] == 5
+
+
+def test_a_single_turn_protocol_refuses_a_conversation_before_ray(tmp_path, tiny_model, capsys, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_URL", "http://127.0.0.1:9/v1")
+    path = _experiment(tmp_path, tiny_model)
+    convo = tmp_path / "conversations.jsonl"
+    convo.write_text(json.dumps({"id": "c1", "messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "Hi?"}]}) + "\n")
+    assert cli.main(["evaluate", "-c", str(path), f"evaluate.suites.vicuna.prompts={convo}",
+                     "evaluate.suites.vicuna.baseline=null", "evaluate.suites.vicuna.judge.protocol=alpaca_eval"]) == 2
+    err = capsys.readouterr().err
+    assert f"evaluate.suites.vicuna: {convo}: question c1: alpaca_eval judges single-turn" in err
