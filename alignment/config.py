@@ -505,6 +505,11 @@ class JudgeConfig(EndpointConfig):
         False, description="Show the judge one worked exchange before each comparison (helps small local judges "
         "keep the two-scores format; watch the order-disagreement rate).",
     )
+    verbosity_check: bool = Field(
+        False, description="vicuna_pairwise: ask every comparison again with a length-penalty instruction, and "
+        "report that judge's win rate and its agreement with the plain one (Long Is More reports 94.17%); doubles "
+        "the judge's requests.",
+    )
     baseline: str | None = Field(
         None, description="Model whose answers the trained model is compared with; default: model.base."
     )
@@ -522,6 +527,8 @@ class JudgeConfig(EndpointConfig):
         if self.protocol in PROMPTS_PROTOCOLS and not self.prompts:
             raise ValueError(f"judge.prompts: judge.protocol {self.protocol} reads its prompts from FastChat's "
                              "judge_prompts.jsonl; set judge.prompts to that file")
+        if self.verbosity_check and self.protocol != "vicuna_pairwise":
+            raise ValueError(f"judge.verbosity_check is vicuna_pairwise's, not {self.protocol}'s")
         if self.references and self.protocol != "mt_bench":
             raise ValueError(f"judge.references has no effect with judge.protocol {self.protocol}; only mt_bench "
                              "grades against reference answers")

@@ -220,10 +220,13 @@ def null_reason(summary: dict, key: str) -> str:
 
 
 def suite_columns(protocol: str, summaries: list[dict]) -> list[tuple[str, str]]:
-    """A suite table's judge columns: as the protocol's JUDGES entry declares them; for a protocol without an
-    entry, every number (or None) of the summaries, in their order."""
+    """A suite table's judge columns: as the protocol's JUDGES entry declares them, but an optional number that no
+    summary has nor says why (the verbosity check not asked for, an estimate not needed); for a protocol without
+    an entry, every number (or None) of the summaries, in their order."""
     if protocol in JUDGES:
-        return list(JUDGES[protocol].columns)
+        kind = JUDGES[protocol]
+        return [(k, h) for k, h in kind.columns
+                if k not in kind.optional or any(s.get(k) is not None or s.get(f"{k}_reason") for s in summaries)]
     keys = dict.fromkeys(k for s in summaries for k, v in s.items() if v is None or _is_number(v))
     return [(k, k.replace("_", " ")) for k in keys]
 

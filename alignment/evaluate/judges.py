@@ -65,14 +65,20 @@ JUDGES: dict[str, Judge] = {
     "vicuna_pairwise": Judge(
         build=pairwise.requests_for,
         score=pairwise.score_for,
-        metrics=("win_rate", "tie_rate", "loss_rate", "score", "order_disagreement_rate"),
+        metrics=("win_rate", "tie_rate", "loss_rate", "score", "order_disagreement_rate", "length_penalty_win_rate",
+                 "verbosity_agreement"),
         counts=("prompts", "valid", "win", "tie", "loss", "invalid", "judgements", "unparsed_judgements",
-                "failed_judgements"),
-        settings=("rule",),
+                "failed_judgements", "verbosity_compared"),
+        settings=("rule", "verbosity_check"),
         columns=(("win", "win"), ("tie", "tie"), ("loss", "loss"), ("invalid", "invalid"), ("win_rate", "win rate"),
-                 ("score", "score"), ("order_disagreement_rate", "orders disagree")),
+                 ("score", "score"), ("order_disagreement_rate", "orders disagree"),
+                 ("length_penalty_win_rate", "win rate, length penalty"),
+                 ("verbosity_agreement", "verbosity agreement")),
         describe=pairwise.describe,
-        note="Rates are over valid prompts (both orders parsed); *invalid* counts prompts with an unparsed judgement.",
+        note="Rates are over valid prompts (both orders parsed); *invalid* counts prompts with an unparsed judgement. "
+        "With judge.verbosity_check, *verbosity agreement* is the share of prompts valid under both judges whose "
+        "verdict is the same with the length-penalty instruction (Long Is More: 94.17%).",
+        optional=("length_penalty_win_rate", "verbosity_agreement"),
     ),
     "pair_v2": Judge(
         build=pair_v2.requests_for,
