@@ -8,8 +8,10 @@ with ``name``, ``type``, ``system_prompt``, ``prompt_template``, ``description``
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 
@@ -34,6 +36,23 @@ class JudgePrompt:
 FIELDS = tuple(f.name for f in fields(JudgePrompt))
 
 
+def json_objects(text: str, path: str | Path, error: type[Exception]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for every non-blank line of FastChat's JSON lines ``text`` (read from ``path``): ``where``
+    names the file and the line (from 1) for the caller's own errors; a line that is not JSON, or not a JSON
+    object, is an ``error`` naming them."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"{where}: a JSON object was expected, not {type(row).__name__}")
+        yield where, row
+
+
 def load_judge_prompts(path: str | Path) -> dict[str, JudgePrompt]:
     """Every prompt of FastChat's judge prompts file by name; a bad line is an error naming file, line and field.
 
@@ -48,16 +67,7 @@ def load_judge_prompts(path: str | Path) -> dict[str, JudgePrompt]:
     except (OSError, UnicodeDecodeError) as e:
         raise JudgePromptError(f"judge prompts file {path} cannot be read: {e}") from None
     prompts: dict[str, JudgePrompt] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JudgePromptError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise JudgePromptError(f"{where}: a JSON object was expected, not {type(row).__name__}")
+    for where, row in json_objects(text, path, JudgePromptError):
         for name in FIELDS:
             if name not in row:
                 raise JudgePromptError(f"{where}: field {name!r} is missing")

@@ -18,13 +18,12 @@ means: per model over all rated turns (the MT-Bench score), per turn, and per ca
 from __future__ import annotations
 
 import ast
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from .fastchat import JudgePrompt, judge_prompt, load_judge_prompts
+from .fastchat import JudgePrompt, json_objects, judge_prompt, load_judge_prompts
 
 if TYPE_CHECKING:
     from ..config import JudgeConfig
@@ -54,19 +53,12 @@ def load_references(path: str | Path) -> dict[str, list[str]]:
     (``{question_id, choices: [{turns: [...]}]}``); a bad line is an error naming the file, line and field."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise MTBenchError(f"judge.references: {path} cannot be read: {e}") from None
     refs: dict[str, list[str]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MTBenchError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "question_id" not in row:
+    for where, row in json_objects(text, path, MTBenchError):
+        if "question_id" not in row:
             raise MTBenchError(f"{where}: field 'question_id' is missing")
         try:
             turns = row["choices"][0]["turns"]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .fastchat import JudgePrompt, JudgePromptError, judge_prompt, load_judge_prompts
+from .pairwise import tally
 
 if TYPE_CHECKING:
     from ..config import JudgeConfig
@@ -114,7 +115,6 @@ def score(requests: list[dict], outputs: list[dict], prompt_name: str = PROMPT) 
         by_q.setdefault(req["qid"], {})[req["order"]] = {"raw": out["answer"], "verdict": parsed,
                                                          "error": out.get("error")}
     verdicts = []
-    counts = {"win": 0, "tie": 0, "loss": 0, "invalid": 0}
     unparsed = failed = disagree = 0
     for qid, orders in by_q.items():
         for o in orders.values():
@@ -127,22 +127,13 @@ def score(requests: list[dict], outputs: list[dict], prompt_name: str = PROMPT) 
             g1, g2 = winner(v1, 1), winner(v2, 2)
             verdict = combine(g1, g2)
             disagree += g1 != g2  # FastChat's "inconsistent"
-        counts[verdict] += 1
         verdicts.append({"id": qid, "verdict": verdict, "winner_order_1": g1, "winner_order_2": g2,
                          "judge_order_1": orders[1]["raw"], "judge_order_2": orders[2]["raw"],
                          "error": orders[1]["error"] or orders[2]["error"]})
-    valid = counts["win"] + counts["tie"] + counts["loss"]
-
-    def rate(x: float) -> float | None:
-        return x / valid if valid else None
-
-    summary = {
-        "judge_prompt": prompt_name, "prompts": len(by_q), "valid": valid, **counts,
-        "judgements": 2 * len(by_q), "unparsed_judgements": unparsed, "failed_judgements": failed,
-        "win_rate": rate(counts["win"]), "tie_rate": rate(counts["tie"]), "loss_rate": rate(counts["loss"]),
-        "win_rate_adjusted": rate(counts["win"] + 0.5 * counts["tie"]),
-        "order_disagreement_rate": rate(disagree),
-    }
+    # show_result's win_rate_adjusted: (win + 0.5 tie) / (win + tie + loss), over the questions left
+    counts, rates = tally([v["verdict"] for v in verdicts], disagree, score_key="win_rate_adjusted")
+    summary = {"judge_prompt": prompt_name, "prompts": len(by_q), **counts, "judgements": 2 * len(by_q),
+               "unparsed_judgements": unparsed, "failed_judgements": failed, **rates}
     return verdicts, summary
 
 

@@ -53,10 +53,21 @@ FORMAT_EXAMPLE = [
 ]
 
 
-def pair_messages(question: str, answer_1: str, answer_2: str, format_example: bool = False) -> list[dict[str, str]]:
+# The verbosity check (judge.verbosity_check): Long Is More re-ran its judge with a length penalty in the prompt and
+# found 94.17% agreement with the plain judge. The paper does not print its wording: this sentence is this
+# project's, inserted after the scale's line so that the format instruction stays last.
+LENGTH_PENALTY = ("Do not prefer an answer for its length: penalize an answer that is longer than the question "
+                  "needs, verbose, repetitive or padded.")
+_SCALE = "where a higher score indicates better overall performance.\n"
+assert PAIR_PROMPT.count(_SCALE) == 1
+
+
+def pair_messages(question: str, answer_1: str, answer_2: str, format_example: bool = False,
+                  length_penalty: bool = False) -> list[dict[str, str]]:
     shot = FORMAT_EXAMPLE if format_example else []
+    prompt = PAIR_PROMPT.replace(_SCALE, _SCALE + LENGTH_PENALTY + "\n") if length_penalty else PAIR_PROMPT
     return [{"role": "system", "content": JUDGE_SYSTEM}, *shot,
-            {"role": "user", "content": PAIR_PROMPT.format(question=question, answer_1=answer_1, answer_2=answer_2)}]
+            {"role": "user", "content": prompt.format(question=question, answer_1=answer_1, answer_2=answer_2)}]
 
 
 def parse_scores(text: str) -> tuple[float, float] | None:
@@ -69,15 +80,18 @@ def parse_scores(text: str) -> tuple[float, float] | None:
 
 
 def build_requests(questions: list[dict], target: dict[str, str], baseline: dict[str, str],
-                   format_example: bool = False) -> list[dict]:
-    """Two judge requests per question: ``order`` 1 puts the target first, ``order`` 2 second."""
+                   format_example: bool = False, verbosity_check: bool = False) -> list[dict]:
+    """Two judge requests per question: ``order`` 1 puts the target first, ``order`` 2 second; with
+    ``verbosity_check``, two more with the length-penalty instruction (``variant`` ``length_penalty``)."""
     reqs = []
-    for q in questions:
-        text = q["messages"][-1]["content"]
-        t, b = target[q["id"]], baseline[q["id"]]
-        for order, (a1, a2) in ((1, (t, b)), (2, (b, t))):
-            reqs.append({"id": f"{q['id']}|{order}", "qid": q["id"], "order": order,
-                         "messages": pair_messages(text, a1, a2, format_example)})
+    for variant in ("", "length_penalty") if verbosity_check else ("",):
+        for q in questions:
+            text = q["messages"][-1]["content"]
+            t, b = target[q["id"]], baseline[q["id"]]
+            for order, (a1, a2) in ((1, (t, b)), (2, (b, t))):
+                reqs.append({"id": f"{q['id']}|{order}" + (f"|{variant}" if variant else ""), "qid": q["id"],
+                             "order": order, "messages": pair_messages(text, a1, a2, format_example, bool(variant)),
+                             **({"variant": variant} if variant else {})})
     return reqs
 
 
@@ -97,14 +111,36 @@ def combine(o1: int, o2: int, rule: str) -> str:
 
 
 def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[dict], dict[str, Any]]:
-    """Per-question verdicts and a summary from the judge's outputs (aligned with ``requests``)."""
+    """Per-question verdicts and a summary from the judge's outputs (aligned with ``requests``). Requests of the
+    verbosity check (``variant`` ``length_penalty``) are scored apart: each verdict gets its
+    ``verdict_length_penalty``, and the summary the penalised judge's win rate and ``verbosity_agreement``, the
+    share of the questions valid under both judges whose verdicts are the same (None without the check)."""
+    plain = [(r, o) for r, o in zip(requests, outputs, strict=True) if not r.get("variant")]
+    penalised = [(r, o) for r, o in zip(requests, outputs, strict=True) if r.get("variant") == "length_penalty"]
+    verdicts, summary = _score([r for r, _ in plain], [o for _, o in plain], rule)
+    summary.update(verbosity_check=bool(penalised), length_penalty_win_rate=None, verbosity_agreement=None,
+                   verbosity_compared=0)
+    if not penalised:
+        return verdicts, summary
+    pv, ps = _score([r for r, _ in penalised], [o for _, o in penalised], rule)
+    other = {v["id"]: v["verdict"] for v in pv}
+    both = [v for v in verdicts if v["verdict"] != "invalid" and other[v["id"]] != "invalid"]
+    for v in verdicts:
+        v["verdict_length_penalty"] = other[v["id"]]
+    summary.update(length_penalty_win_rate=ps["win_rate"], verbosity_compared=len(both),
+                   verbosity_agreement=(sum(other[v["id"]] == v["verdict"] for v in both) / len(both)
+                                        if both else None),
+                   **{k: summary[k] + ps[k] for k in ("judgements", "unparsed_judgements", "failed_judgements")})
+    return verdicts, summary
+
+
+def _score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[dict], dict[str, Any]]:
     by_q: dict[str, dict[int, dict]] = {}
     for req, out in zip(requests, outputs, strict=True):
         parsed = parse_scores(out["answer"]) if not out.get("error") else None
         by_q.setdefault(req["qid"], {})[req["order"]] = {"raw": out["answer"], "scores": parsed,
                                                          "error": out.get("error")}
     verdicts = []
-    counts = {"win": 0, "tie": 0, "loss": 0, "invalid": 0}
     unparsed = failed = disagree = 0
     for qid, orders in by_q.items():
         s1, s2 = orders[1]["scores"], orders[2]["scores"]
@@ -117,24 +153,34 @@ def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[di
             o1, o2 = order_outcome(s1, 1), order_outcome(s2, 2)
             verdict = combine(o1, o2, rule)
             disagree += o1 != o2
-        counts[verdict] += 1
         verdicts.append({"id": qid, "verdict": verdict, "outcome_order_1": o1, "outcome_order_2": o2,
                          "scores_order_1": s1, "scores_order_2": s2,
                          "judge_order_1": orders[1]["raw"], "judge_order_2": orders[2]["raw"],
                          "error": orders[1]["error"] or orders[2]["error"]})
+    counts, rates = tally([v["verdict"] for v in verdicts], disagree)
+    summary = {"rule": rule, "prompts": len(by_q), **counts, "judgements": 2 * len(by_q),
+               "unparsed_judgements": unparsed, "failed_judgements": failed, **rates}
+    return verdicts, summary
+
+
+def tally(outcomes: list[str], disagree: int, score_key: str = "score") -> tuple[dict[str, int], dict[str, Any]]:
+    """Per-question outcomes (``win``, ``tie``, ``loss``, ``invalid``) counted, and their rates over the valid
+    ones (a win, tie or loss), as both pairwise protocols summarise them: the counts ``valid``, ``win``, ``tie``,
+    ``loss``, ``invalid``; the rates ``win_rate``, ``tie_rate``, ``loss_rate``, ``score_key`` ((win + tie / 2)
+    / valid: this judge's ``score``, pair-v2's ``win_rate_adjusted``) and ``order_disagreement_rate``
+    (``disagree`` questions whose orders named different winners, over the valid ones). No valid question: every
+    rate is None."""
+    counts = dict.fromkeys(("win", "tie", "loss", "invalid"), 0)
+    for outcome in outcomes:
+        counts[outcome] += 1
     valid = counts["win"] + counts["tie"] + counts["loss"]
 
     def rate(x: float) -> float | None:
         return x / valid if valid else None
 
-    summary = {
-        "rule": rule, "prompts": len(by_q), "valid": valid, **counts,
-        "judgements": 2 * len(by_q), "unparsed_judgements": unparsed, "failed_judgements": failed,
-        "win_rate": rate(counts["win"]), "tie_rate": rate(counts["tie"]), "loss_rate": rate(counts["loss"]),
-        "score": rate(counts["win"] + 0.5 * counts["tie"]),
-        "order_disagreement_rate": rate(disagree),
-    }
-    return verdicts, summary
+    rates = {"win_rate": rate(counts["win"]), "tie_rate": rate(counts["tie"]), "loss_rate": rate(counts["loss"]),
+             score_key: rate(counts["win"] + 0.5 * counts["tie"]), "order_disagreement_rate": rate(disagree)}
+    return {"valid": valid, **counts}, rates
 
 
 # ------------------------------------------------------------------------------------------ the JUDGES entry's parts
@@ -142,8 +188,8 @@ def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[di
 
 def requests_for(questions: list[dict], target: dict[str, str], baseline: dict[str, str],
                  j: JudgeConfig) -> list[dict]:
-    """:func:`build_requests` as the judge section says (``judge.format_example``)."""
-    return build_requests(questions, target, baseline, j.format_example)
+    """:func:`build_requests` as the judge section says (``judge.format_example``, ``judge.verbosity_check``)."""
+    return build_requests(questions, target, baseline, j.format_example, j.verbosity_check)
 
 
 def score_for(requests: list[dict], outputs: list[dict], j: JudgeConfig) -> tuple[list[dict], dict[str, Any]]:
@@ -154,4 +200,5 @@ def score_for(requests: list[dict], outputs: list[dict], j: JudgeConfig) -> tupl
 def describe(j: dict[str, Any]) -> str:
     """How the judge section (a dict, as the report reads it) judges, for the report's intro."""
     shot = " with a format example" if j.get("format_example") else ""
-    return f"both orders, aggregation rule **{j['rule']}**{shot}"
+    check = "; asked again with a length penalty (the verbosity check)" if j.get("verbosity_check") else ""
+    return f"both orders, aggregation rule **{j['rule']}**{shot}{check}"

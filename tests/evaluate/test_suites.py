@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from alignment import cli, formats, pipeline
-from alignment.config import EvalModelConfig, load_config
+from alignment.config import EvalModelConfig, ExperimentConfig, load_config
 from alignment.endpoints import GenerationError
 from alignment.evaluate import sources
 from alignment.evaluate.generate import category_temperature, turn_seed
@@ -192,3 +192,54 @@ def test_a_single_turn_protocol_refuses_a_conversation_before_ray(tmp_path, tiny
                      "evaluate.suites.vicuna.baseline=null", "evaluate.suites.vicuna.judge.protocol=alpaca_eval"]) == 2
     err = capsys.readouterr().err
     assert f"evaluate.suites.vicuna: {convo}: question c1: alpaca_eval judges single-turn" in err
+
+
+SETS = {"vicuna": ("vicuna_test_set.jsonl", 80), "koala": ("koala_test_set.jsonl", 180),
+        "self-instruct": ("sinstruct_test_set.jsonl", 252), "wizardlm": ("wizardlm_test_set.jsonl", 218),
+        "lima": ("lima_test.jsonl", 300)}
+
+
+def _longer_wins(body: dict) -> dict:
+    """A judge that prefers the longer answer, in the format of the protocol that asked."""
+    text = body["messages"][-1]["content"]
+    mark = "A" if "Assistant A's Answer]" in text else "1"
+    other = "B" if mark == "A" else "2"
+    first, second = (text.split(f"Assistant {x}'s Answer]\n")[1].split(f"\n[The End of Assistant {x}'s")[0]
+                     for x in (mark, other))
+    if mark == "A":
+        return chat_completion("[[A]]" if len(first) > len(second) else "[[B]]")
+    return chat_completion("9 2" if len(first) > len(second) else "2 9")
+
+
+def test_the_pairwise_protocols_on_the_five_prompt_sets_of_long_is_more(tmp_path, fake_endpoint):
+    """Every prompt of Vicuna, Koala, Self-Instruct, WizardLM and LIMA judged in both orders by vicuna_pairwise
+    and pair_v2 against a fake endpoint judge, from answers files: a model whose answers are longer wins all."""
+    long, short, suites = {}, {}, {}
+    for name, (file, _) in SETS.items():
+        prompts, _ = formats.read_rows(str(shared("eval_prompts", file)), "eval")
+        for p in prompts:
+            text = p["messages"][-1]["content"]
+            long[text], short[text] = f"a long and careful answer to: {text}", "no"
+        suites[name] = {"prompts": str(shared("eval_prompts", file))}
+        suites[f"{name}-v2"] = {"prompts": str(shared("eval_prompts", file)), "judge": {
+            "protocol": "pair_v2", "prompts": str(shared("eval_prompts", "fastchat_judge_prompts.jsonl"))}}
+    for path, answers in ((tmp_path / "long.json", long), (tmp_path / "short.json", short)):
+        path.write_text(json.dumps([{"instruction": k, "output": v} for k, v in answers.items()]))
+    for s in suites.values():
+        s["baseline"] = {"name": "short", "answers": str(tmp_path / "short.json")}
+    fake_endpoint.reply = _longer_wins
+    cfg = ExperimentConfig.model_validate({
+        "run_dir": str(tmp_path / "run"),
+        "judge": {"backend": "openai", "model": "judge", "api_base_env": "TEST_JUDGE_URL",
+                  "api_key_env": "TEST_JUDGE_KEY", "concurrency": 32},
+        "evaluate": {"models": [{"name": "long", "answers": str(tmp_path / "long.json")}], "suites": suites}})
+    pipeline.evaluate_models(cfg)
+    results = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())["suites"]
+    for name, (_, n) in SETS.items():
+        m, v2 = results[name]["models"]["long"]["metrics"], results[f"{name}-v2"]["models"]["long"]["metrics"]
+        assert (m["prompts"], m["win"], m["win_rate"], m["order_disagreement_rate"]) == (n, n, 1.0, 0.0), name
+        assert (v2["prompts"], v2["win"], v2["win_rate_adjusted"]) == (n, n, 1.0), name
+    # A question two sets share (same text, same answers) is the same request: judged once, for both suites.
+    earlier = sum(json.loads(p.read_text())["counts"]["endpoint_requests"]["answered_earlier"]
+                  for p in (tmp_path / "run" / "evaluate").glob("*/long-*/manifest.json"))
+    assert 4 * len(long) <= len(fake_endpoint) == 4 * 1030 - earlier < 4 * 1030
