@@ -727,9 +727,20 @@ class EvalModelConfig(_Strict):
         None, description="Served: the endpoint's URL and key come from the environment variables it names.",
     )
     answers: str | None = Field(
-        None, description="A file of answers: AlpacaEval's JSON list of {instruction, output, generator}, or "
-        "FastChat's model_answer JSONL ({question_id, choices: [{turns: [...]}]}); every prompt of a suite needs one.",
+        None, description="A file of answers: AlpacaEval's JSON list of {instruction, output, generator}, "
+        "FastChat's model_answer JSONL ({question_id, choices: [{turns: [...]}]}), or a generate stage's "
+        "answers.jsonl ({id, answer, turns}); every prompt of a suite needs one.",
     )
+    label: str | None = Field(
+        None, description="The model's name in output directories and reports; default: the last part of name "
+        "(set it for checkpoints whose paths end alike, e.g. .../checkpoint).",
+    )
+
+    @property
+    def title(self) -> str:
+        """The model's label: ``label``, else the last part of ``name``, directory-safe."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", (self.label or self.name).rstrip("/").rsplit("/", 1)[-1]).strip(
+            "-") or "model"
 
     @model_validator(mode="before")
     @classmethod
@@ -1057,8 +1068,9 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         for key in ("prompts", "references"):
             if s.judge.get(key):
                 s.judge[key] = _abs(s.judge[key])
-        if isinstance(s.judge.get("model"), str) and _looks_local(s.judge["model"]):
-            s.judge["model"] = _abs(s.judge["model"])
+        for key in ("model", "baseline"):
+            if isinstance(s.judge.get(key), str) and _looks_local(s.judge[key]):
+                s.judge[key] = _abs(s.judge[key])
     return cfg
 
 

@@ -15,6 +15,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 
@@ -322,8 +323,10 @@ def answers_stage(cfg: ExperimentConfig, src: EvalModelConfig, label: str, stage
         model = models.resolve(src.name)
         conf.update(backend=g.backend, max_new_tokens=g.max_new_tokens, model=model, seed=cfg.seed)
     elif kind == "endpoint":
-        endpoint = endpoints.Endpoint(src.endpoint.api_base_env, src.endpoint.api_key_env)
-        conf.update(endpoint=endpoint.url, model=src.name, max_new_tokens=g.max_new_tokens, seed=cfg.seed)
+        # The server (scheme and host) and a hash of its whole URL: a path or query may carry a token.
+        url = urlsplit(endpoints.Endpoint(src.endpoint.api_base_env, src.endpoint.api_key_env).url)
+        conf.update(endpoint=f"{url.scheme}://{url.hostname}#{digest(url.geturl())}", model=src.name,
+                    max_new_tokens=g.max_new_tokens, seed=cfg.seed)
     else:
         conf.update(answers=src.answers)
     prompt_files = _files([cfg.data.eval_prompts] if cfg.data.eval_prompts else [], "eval_prompts", cfg.run_dir)
@@ -356,6 +359,8 @@ def answers_stage(cfg: ExperimentConfig, src: EvalModelConfig, label: str, stage
                    "mean_chars": sum(len(r["answer"]) for r in rows) / len(rows) if rows else None}
         if kind == "answers":
             metrics["mean_new_tokens_reason"] = "an answers file does not say how many tokens its answers took"
+        elif not lengths and rows:
+            metrics["mean_new_tokens_reason"] = "the endpoint reported no token counts (usage)"
         return {"outputs": {"answers": str(d / "answers.jsonl"), "set_aside": str(d / "set_aside.jsonl")},
                 "counts": {"prompts_read": len(prompts) + len(bad), "prompts_answered": len(rows),
                            "prompts_set_aside": len(bad), "empty_answers": empty,
@@ -389,6 +394,7 @@ def _judge_local(msgs: list[dict], judge_model: str, judge_id: str, gen: Any, ca
         for (_, key), o in zip(todo, outs, strict=True):
             cache[key] = {"answer": o["answer"], "num_new_tokens": o["num_new_tokens"]}
             f.write(endpoints.cache_line(key, o["answer"], o["num_new_tokens"]))
+            f.flush()  # one append a line: trials running side by side share the file
     return [{"id": m["id"], **cache[k]} for m, k in zip(msgs, keys, strict=True)]
 
 
@@ -437,6 +443,8 @@ def judge_stage(cfg: ExperimentConfig, target: dict[str, Any], baseline: dict[st
     # with, say, more retries still finds the answers stored by the failed run. Of the local generation
     # settings, only the backend changes the answers (batches and actors do not), as in generate_stage's key.
     conf = {k: v for k, v in config_dict(j).items() if k not in SENDING and k != "generate"}
+    if not j.verbosity_check:  # added later: off, a judge stage keeps the key it had before the option existed
+        del conf["verbosity_check"]
     conf["judge_model"] = judge_model
     inputs = {"target": fingerprint(target["outputs"]["answers"]),
               "baseline": fingerprint(baseline["outputs"]["answers"])}
@@ -491,7 +499,7 @@ def _model_label(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rstrip("/").rsplit("/", 1)[-1]).strip("-") or "model"
 
 
-def benchmarks_stage(cfg: ExperimentConfig, model: str) -> dict[str, Any]:
+def benchmarks_stage(cfg: ExperimentConfig, model: str, label: str | None = None) -> dict[str, Any]:
     """lm-eval on ``model`` (a checkpoint, registry name or hub id) as ``evaluate.benchmarks`` says, in a Ray task:
     ``results.json`` (every number with its settings) in ``<run_dir>/evaluate/benchmarks/<model>-<key>/``."""
     b = cfg.evaluate.benchmarks
@@ -510,7 +518,7 @@ def benchmarks_stage(cfg: ExperimentConfig, model: str) -> dict[str, Any]:
         return {"outputs": {"results": str(d / "results.json")}, "counts": {"tasks": len(res["tasks"])},
                 "metrics": values}
 
-    return run_stage(cfg.run_dir, "evaluate/benchmarks", _model_label(model), conf, inputs, work)
+    return run_stage(cfg.run_dir, "evaluate/benchmarks", label or _model_label(model), conf, inputs, work)
 
 
 def suite_baseline(cfg: ExperimentConfig, suite: str) -> EvalModelConfig:
@@ -526,8 +534,8 @@ def suite_stages(cfg: ExperimentConfig, suite: str, src: EvalModelConfig, label:
     scfg = cfg.suite(suite)
     where = f"evaluate/{suite}/answers"
     base_src = suite_baseline(cfg, suite)
-    baseline = answers_stage(scfg, base_src, _model_label(base_src.name), where)
-    answers = answers_stage(scfg, src, label or _model_label(src.name), where)
+    baseline = answers_stage(scfg, base_src, base_src.title, where)
+    answers = answers_stage(scfg, src, label or src.title, where)
     judged = judge_stage(scfg, answers, baseline, f"evaluate/{suite}")
     return {"answers": answers, "baseline": baseline, "judge": judged}
 
@@ -543,11 +551,11 @@ def evaluate_models(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     for name, suite in ev.suites.items():
         j = cfg.suite_judge(name)
         entry = results["suites"][name] = {
-            "protocol": j.protocol, "prompts": suite.prompts, "baseline": _model_label(suite_baseline(cfg, name).name),
+            "protocol": j.protocol, "prompts": suite.prompts, "baseline": suite_baseline(cfg, name).title,
             "judge": JUDGES[j.protocol].describe(config_dict(j)), "models": {}}
         for m in ev.models:
             st = suite_stages(cfg, name, m)
-            entry["models"][_model_label(m.name)] = {
+            entry["models"][m.title] = {
                 "metrics": st["judge"]["metrics"], "dir": st["judge"]["dir"],
                 "answers": {"counts": st["answers"]["counts"], "metrics": st["answers"]["metrics"]}}
             done.append(st["judge"])
@@ -555,11 +563,11 @@ def evaluate_models(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         for m in ev.models:
             if m.kind != "local":  # lm-eval scores a model's own log-probabilities
                 what = "a served model" if m.kind == "endpoint" else "an answers file"
-                results["benchmarks"][_model_label(m.name)] = {
+                results["benchmarks"][m.title] = {
                     "error": f"not run: lm-eval needs the model's own weights, and this is {what}"}
                 continue
-            bench = benchmarks_stage(cfg, m.name)
-            results["benchmarks"][_model_label(m.name)] = json.loads(Path(bench["outputs"]["results"]).read_text())
+            bench = benchmarks_stage(cfg, m.name, m.title)
+            results["benchmarks"][m.title] = json.loads(Path(bench["outputs"]["results"]).read_text())
             done.append(bench)
     out = _run_dir(cfg) / "evaluate"
     write_json(out / "results.json", results)
@@ -603,7 +611,8 @@ def run_point(cfg: ExperimentConfig) -> dict[str, Any]:
          **point["judge"]["metrics"]}
     for name in cfg.search.suites:  # each suite on the trained model, its metrics as <suite>/<metric>
         judged = suite_stages(cfg, name, EvalModelConfig(name=point["model"]), point["target"]["label"])["judge"]
-        m.update({f"{name}/{k}": judged["metrics"].get(k) for k in JUDGES[cfg.suite_judge(name).protocol].metrics})
+        m.update({f"{name}/{k}": v for k, v in judged["metrics"].items()
+                  if k in JUDGES[cfg.suite_judge(name).protocol].metrics or k.endswith("_reason")})
     return {"k": cfg.select.k, "sft_step": cfg.pref.sft_step, "method": cfg.pref.method,
             "num_pairs": cfg.pref.num_pairs, "start_from": cfg.pref.start_from, "metric": m.get(cfg.search.metric),
             **m, "model": point["model"], "judge_dir": point["judge"]["dir"]}
@@ -736,10 +745,10 @@ def _check_evaluate(cfg: ExperimentConfig) -> None:
                           "(lm-eval tasks, bigbench:<path> or preset:<name>)")
     labels: dict[str, str] = {}
     for i, m in enumerate(ev.models):
-        label = _model_label(m.name)
+        label = m.title
         if label in labels:
             raise ConfigError(f"evaluate.models[{i}]: {m.name} and {labels[label]} would share the label {label} "
-                              "(their output directories and report rows); rename one")
+                              "(their output directories and report rows); give one a label")
         labels[label] = m.name
     names: dict[str, str] = {}
     for i, m in enumerate(ev.models):
@@ -844,8 +853,8 @@ def _check_data(key: str, patterns: list[str], run_dir: str) -> None:
 def _endpoint_set(section: str, env: str, key_env: str) -> None:
     """The endpoint's URL is set and usable, and its key, if any, can be sent (checked as the stage will)."""
     if not os.environ.get(env):
-        raise ConfigError(f"{section}.backend is openai, but the endpoint URL is not set: export {env}=https://.../v1 "
-                          f"(the variable {section}.api_base_env names)")
+        raise ConfigError(f"{section}: the endpoint URL is not set: export {env}=https://.../v1 (the variable "
+                          f"{section}.api_base_env names)")
     try:
         endpoints.Endpoint(env, key_env)
     except endpoints.GenerationError as e:

@@ -18,6 +18,15 @@ from .evaluate import JUDGES
 POINT_COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs")]
 HELDOUT_COLUMNS = [("pref_accuracy", "held-out pref. accuracy"), ("pref_margin", "held-out margin")]
 TITLES = {"pref_accuracy": "held-out preference accuracy", "pref_margin": "held-out implicit-reward margin"}
+# Metrics in percent (alpaca_eval's), though named *_rate: every other *_rate, score and accuracy is a fraction.
+PERCENT = ("alpaca_win_rate", "discrete_win_rate", "lc_win_rate", "lc_win_rate_estimate")
+
+
+def is_fraction(metric: str) -> bool:
+    """Whether a (search) metric lies in 0..1; ``<suite>/<metric>`` is its metric's."""
+    name = metric.rpartition("/")[2]
+    return name not in PERCENT and (name.endswith("_rate") or name in ("score", "pref_accuracy",
+                                                                         "win_rate_adjusted", "verbosity_agreement"))
 
 
 def _varied(results: list[dict]) -> set[str]:
@@ -26,11 +35,13 @@ def _varied(results: list[dict]) -> set[str]:
 
 
 def _columns(results: list[dict], protocol: str) -> list[tuple[str, str]]:
-    """The table's columns: method and pairs only where the search varied them, then the judge's."""
+    """The table's columns: method and pairs only where the search varied them, then the judge's (as an evaluate
+    suite's table shows them), the held-out metrics where points have them, and the suites' metrics."""
     varied = _varied(results)
     point = [(k, n) for k, n in POINT_COLUMNS if k not in ("method", "num_pairs") or k in varied]
     held = [c for c in HELDOUT_COLUMNS if any(r.get(c[0]) is not None for r in results)]
-    return point + list(JUDGES[protocol].columns) + held
+    suites = sorted({k for r in results for k in r if "/" in k and not k.endswith("_reason")})
+    return point + suite_columns(protocol, results) + held + [(k, k.replace("_", " ")) for k in suites]
 
 
 def _point(r: dict, sep: str = ", ") -> str:
@@ -82,7 +93,7 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
     ax.set_xticks(range(len(steps)), [str(s) for s in steps])
     ax.set_xlabel("SFT checkpoint step that preference tuning starts from")
     ax.set_ylabel(metric.replace("_", " "))
-    if metric.rpartition("/")[2].endswith("_rate") or metric in ("score", "pref_accuracy"):
+    if is_fraction(metric):
         ax.set_ylim(-0.02, 1.02)  # a fraction; a margin, a 1-10 score or a percentage has its own scale
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -211,8 +222,7 @@ def null_reason(summary: dict, key: str) -> str:
     if why is None and summary.get("valid") == 0:
         why = "no valid prompt (every judgement was unparsed or failed)"
     if why is None:
-        others = [v for k, v in summary.items() if "reason" in k and isinstance(v, str) and v]
-        why = "; ".join(others) if others else "the judge's summary holds no value and no reason"
+        why = "the judge's summary holds no value and no reason"
     estimate = summary.get(f"{key}_estimate")
     if _is_number(estimate):
         why += f" (estimate beside it: {_fmt(estimate)})"

@@ -164,3 +164,10 @@ def test_evaluate_report_without_benchmarks_or_suites(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "No judge suites." in md and "No lm-eval benchmarks in these results." in md
     assert set(paths) == {"markdown", "html"}
+
+
+def test_the_plot_scale_knows_fractions_from_percentages():
+    assert all(report.is_fraction(m) for m in ("win_rate", "score", "win_rate_adjusted", "pref_accuracy",
+                                               "vicuna/win_rate", "order_disagreement_rate", "verbosity_agreement"))
+    assert not any(report.is_fraction(m) for m in ("alpaca_win_rate", "lc_win_rate", "alpaca/lc_win_rate",
+                                                   "mt_bench", "pref_margin", "mt/mt_bench"))

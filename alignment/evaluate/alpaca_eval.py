@@ -65,6 +65,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from .pair_v2 import question_text
 
 if TYPE_CHECKING:
     from ..config import JudgeConfig
@@ -140,12 +141,7 @@ def check_config() -> None:
 
 def instruction(q: dict) -> str:
     """An AlpacaEval prompt's instruction: its one user turn (the annotator shows the judge nothing else)."""
-    msgs = q["messages"]
-    if len(msgs) != 1 or msgs[0]["role"] != "user":
-        roles = ", ".join(m["role"] for m in msgs)
-        raise AlpacaEvalError(f"question {q['id']}: alpaca_eval judges single-turn instructions (one user turn), this "
-                              f"one has turns {roles}")
-    return msgs[0]["content"]
+    return question_text(q, "alpaca_eval", AlpacaEvalError)
 
 
 def set_position(qid: str) -> tuple[str, int] | None:

@@ -7,9 +7,10 @@ Backends (``GenerateConfig.backend``):
 Every backend takes ``[{"id", "messages"}]`` and returns ``[{"id", "answer", "num_new_tokens"}]`` in the
 input order. Decoding is greedy, unless a prompt carries a ``temperature`` above 0 and its ``seed``: then it is
 sampled at that temperature, seeded per prompt, so a re-run gives the same answers whatever the batches.
-:func:`generate_turns` answers multi-turn prompts (MT-Bench), one ``generate`` call per turn. An
-OpenAI-compatible endpoint is not a backend here: the judge's ``openai`` backend sends its requests through
-``alignment.endpoints.complete_openai``.
+:func:`generate_turns` answers multi-turn prompts (MT-Bench), one generation call per turn, through ``generate`` or
+the ``generate_fn`` it is given. An OpenAI-compatible endpoint is not a backend here: the judge's ``openai``
+backend and a served model (``alignment.evaluate.sources.served_answers``, as ``generate_turns``' ``generate_fn``)
+send their requests through ``alignment.endpoints.complete_openai``.
 
 :func:`next_token_logprobs` is the local judge of a protocol that reads log-probabilities (alpaca_eval's): the top-k
 log-probabilities of the first answer token, after the model's chat template with the generation prompt, as an

@@ -61,14 +61,15 @@ def judge_messages(prompt: JudgePrompt, question: str, answer_a: str, answer_b: 
     return [{"role": "system", "content": prompt.system_prompt}, {"role": "user", "content": user}]
 
 
-def question_text(q: dict) -> str:
-    """The question of a single-turn prompt: its one user turn. pair-v2 shows the judge one question, so a
-    prompt with any other turn (a system turn, an earlier exchange) would be judged without what the model saw."""
+def question_text(q: dict, protocol: str = "pair_v2", error: type[Exception] = QuestionError) -> str:
+    """The question of a single-turn prompt: its one user turn. pair-v2 (and AlpacaEval's annotator) shows the
+    judge one question, so a prompt with any other turn (a system turn, an earlier exchange) would be judged without
+    what the model saw: ``error`` naming the prompt and ``protocol``."""
     msgs = q["messages"]
     if len(msgs) != 1 or msgs[0]["role"] != "user":
         roles = ", ".join(m["role"] for m in msgs)
-        raise QuestionError(f"question {q['id']}: pair_v2 judges single-turn prompts (one user turn), this one has "
-                            f"turns {roles}")
+        raise error(f"question {q['id']}: {protocol} judges single-turn prompts (one user turn), this one has "
+                    f"turns {roles}")
     return msgs[0]["content"]
 
 

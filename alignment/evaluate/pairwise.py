@@ -131,6 +131,10 @@ def score(requests: list[dict], outputs: list[dict], rule: str) -> tuple[list[di
                    verbosity_agreement=(sum(other[v["id"]] == v["verdict"] for v in both) / len(both)
                                         if both else None),
                    **{k: summary[k] + ps[k] for k in ("judgements", "unparsed_judgements", "failed_judgements")})
+    if not ps["valid"]:
+        summary["length_penalty_win_rate_reason"] = "no prompt valid under the length-penalty judge"
+    if not both:
+        summary["verbosity_agreement_reason"] = "no prompt valid under both judges"
     return verdicts, summary
 
 

@@ -50,8 +50,9 @@ def _answer(row: Any, path: str, i: int) -> tuple[str, str, list[str]]:
     elif "instruction" in row:
         turns, key, kind, names = [row.get("output")], row["instruction"], "instruction", ["output"]
         field = "instruction"
-    elif "answer" in row:
-        turns, key, kind, field, names = [row["answer"]], row.get("id"), "id", "id", ["answer"]
+    elif "answer" in row:  # a generate stage's answers.jsonl: every turn where the row has them (MT-Bench)
+        turns, key, kind, field = row.get("turns") or [row["answer"]], row.get("id"), "id", "id"
+        names = [f"turns[{t}]" for t in range(len(turns))] if row.get("turns") else ["answer"]
     else:
         raise AnswersError(f"{where}: neither AlpacaEval's {{instruction, output}}, FastChat's {{question_id, "
                            f"choices}} nor {{id, answer}} (keys: {', '.join(sorted(row)) or 'none'})")
@@ -64,10 +65,19 @@ def _answer(row: Any, path: str, i: int) -> tuple[str, str, list[str]]:
     return kind, str(key), turns
 
 
+def _asked(row: Any) -> str | None:
+    """The prompt an answers.jsonl row answered (its last user turn), where it says."""
+    msgs = row.get("messages") if isinstance(row, dict) else None
+    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and isinstance(msgs[-1].get("content"), str):
+        return msgs[-1]["content"]
+    return None
+
+
 def read_answers(path: str) -> dict[str, dict[str, list[str]]]:
-    """The answers of a file, ``{"id": {key: turns}, "instruction": {text: turns}}``; a key answered twice is an
-    error (which answer is meant cannot be known)."""
-    out: dict[str, dict[str, list[str]]] = {"id": {}, "instruction": {}}
+    """The answers of a file, ``{"id": {key: turns}, "instruction": {text: turns}, "asked": {id: prompt}}``
+    (``asked``: the prompt an answers.jsonl row says it answered); a key answered twice is an error (which answer
+    is meant cannot be known)."""
+    out: dict[str, dict[str, Any]] = {"id": {}, "instruction": {}, "asked": {}}
     rows = 0
     for shard in plan_shards([path]):
         for i, row in iter_raw(shard):
@@ -75,6 +85,8 @@ def read_answers(path: str) -> dict[str, dict[str, list[str]]]:
             if key in out[kind]:
                 raise AnswersError(f"{path}: row {i}: {kind} {key[:80]!r} is answered twice")
             out[kind][key] = turns
+            if kind == "id" and _asked(row) is not None:
+                out["asked"][key] = (_asked(row), i)
             rows += 1
     if not rows:
         raise AnswersError(f"{path}: no answers in the file")
@@ -95,6 +107,10 @@ def match(prompts: list[dict], answers: dict[str, dict[str, list[str]]], path: s
         if turns is None:
             missing.append(str(p["id"]))
             continue
+        asked = answers.get("asked", {}).get(key[1]) if key[0] == "id" else None
+        if asked is not None and asked[0] != p["messages"][-1]["content"]:
+            raise AnswersError(f"{path}: row {asked[1]}: id {key[1]} answers another prompt than the suite's "
+                               f"{key[1]} ({asked[0][:60]!r}); answers from another prompt set?")
         need = len(p.get("question_turns") or [None])
         if len(turns) < need:
             short.append(f"{p['id']} ({len(turns)} of {need} turns)")
@@ -107,7 +123,7 @@ def match(prompts: list[dict], answers: dict[str, dict[str, list[str]]], path: s
                            "id (question_id) or by its instruction text")
     if short:
         raise AnswersError(f"{path}: too few turns for {len(short)} prompts: {', '.join(short[:5])}")
-    unused = sum(len(v) for v in answers.values()) - len(used)
+    unused = len(answers["id"]) + len(answers["instruction"]) - len(used)
     return out, unused
 
 

@@ -144,6 +144,7 @@ def test_judgements_are_cached_across_stages_by_judge_and_full_prompt(tmp_path, 
     base = {"run_dir": str(tmp_path / "run"), "judge": {"model": "org/judge", "max_new_tokens": 33, "rule": "sum"}}
     first = pipeline.judge_stage(ExperimentConfig.model_validate(base), *judge_inputs(tmp_path))
     assert len(judged) == 1
+    assert "verbosity_check" not in first["config"]  # off: the key judge stages had before the option existed
     # Another stage (another rule: the same prompts; an evaluate suite's directory): nothing is judged again.
     strict = ExperimentConfig.model_validate({**base, "judge": {**base["judge"], "rule": "strict"}})
     again = pipeline.judge_stage(strict, *judge_inputs(tmp_path), stage="evaluate/suite")

@@ -243,3 +243,29 @@ def test_the_pairwise_protocols_on_the_five_prompt_sets_of_long_is_more(tmp_path
     earlier = sum(json.loads(p.read_text())["counts"]["endpoint_requests"]["answered_earlier"]
                   for p in (tmp_path / "run" / "evaluate").glob("*/long-*/manifest.json"))
     assert 4 * len(long) <= len(fake_endpoint) == 4 * 1030 - earlier < 4 * 1030
+
+
+def test_a_generate_stages_answers_serve_mt_bench_and_must_answer_the_same_prompts(tmp_path):
+    prompts, _ = formats.read_rows(str(MT_QUESTIONS), "eval")
+    rows = [{"id": p["id"], "messages": p["messages"], "answer": f"one {p['id']}",
+             "turns": [f"one {p['id']}", f"two {p['id']}"]} for p in prompts]
+    f = tmp_path / "answers.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, unused = sources.match(prompts, sources.read_answers(str(f)), str(f))
+    assert out[0]["turns"] == ["one 81", "two 81"] and unused == 0
+    # The same ids from another prompt set: an error naming the row, not answers to the wrong questions.
+    rows[3]["messages"] = [{"role": "user", "content": "Something else entirely"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(sources.AnswersError, match=r"row 3: id 84 answers another prompt than the suite's 84"):
+        sources.match(prompts, sources.read_answers(str(f)), str(f))
+
+
+def test_a_label_names_a_model_whose_path_ends_like_another(tmp_path, tiny_model, capsys, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_URL", "http://127.0.0.1:9/v1")
+    path = _experiment(tmp_path, tiny_model)
+    twin = tmp_path / "other" / tiny_model.name
+    twin.parent.mkdir()
+    twin.symlink_to(tiny_model, target_is_directory=True)
+    cfg = load_config(str(path), [f"evaluate.models=[{tiny_model}, {{name: {twin}, label: twin}}]"])
+    assert [m.title for m in cfg.evaluate.models] == [tiny_model.name, "twin"]
+    assert EvalModelConfig(name="runs/x/pref/k16-abc/checkpoint").title == "checkpoint"
