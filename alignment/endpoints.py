@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import AlignmentError
@@ -318,6 +319,20 @@ def read_cache(path: Path) -> dict[str, dict]:
         log.warning("%s: %d unreadable lines left out (a run killed while writing); those requests are sent again",
                     path, cut)
     return cache
+
+
+def complete_cached(prompts: list[dict], model: str, endpoint: Endpoint, max_tokens: int, cache_path: Path,
+                    **kwargs: Any) -> list[dict]:
+    """:func:`complete_openai` with its answers kept in ``cache_path``: those stored there earlier are not asked
+    again, and each new one is appended as it arrives (a run killed halfway keeps what came)."""
+    cache = read_cache(cache_path)
+    with open(cache_path, "a") as f:
+        def keep(o: dict) -> None:
+            if not o["error"]:
+                f.write(cache_line(o["key"], o["answer"], o["num_new_tokens"], o.get("top_logprobs")))
+                f.flush()
+
+        return complete_openai(prompts, model, endpoint, max_tokens, cache=cache, on_result=keep, **kwargs)
 
 
 def cache_line(key: str, answer: str, num_new_tokens: int = 0, top_logprobs: list[dict] | None = None) -> str:

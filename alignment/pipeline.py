@@ -405,17 +405,10 @@ def _judge_openai(msgs: list[dict], j: Any, cache_path: Path,
     the requests without one; more than ``judge.max_failed_fraction`` of the requests failed after their retries
     fails the stage. ``top_logprobs`` > 0 (a judge that reads log-probabilities): one token is asked for, with its
     top log-probabilities."""
-    cache = endpoints.read_cache(cache_path)
-    with open(cache_path, "a") as f:
-        def keep(o: dict) -> None:
-            if not o["error"]:
-                f.write(endpoints.cache_line(o["key"], o["answer"], o["num_new_tokens"], o.get("top_logprobs")))
-                f.flush()
-
-        outs = endpoints.complete_openai(msgs, j.model, endpoints.Endpoint(j.api_base_env, j.api_key_env),
-                                         1 if top_logprobs else j.max_new_tokens, j.timeout_s, workers=j.concurrency,
-                                         retry=endpoints.Retry(j.max_retries, j.retry_backoff_s), cache=cache,
-                                         on_result=keep, top_logprobs=top_logprobs)
+    outs = endpoints.complete_cached(msgs, j.model, endpoints.Endpoint(j.api_base_env, j.api_key_env),
+                                     1 if top_logprobs else j.max_new_tokens, cache_path, timeout=j.timeout_s,
+                                     workers=j.concurrency, retry=endpoints.Retry(j.max_retries, j.retry_backoff_s),
+                                     top_logprobs=top_logprobs)
     failed: dict[str, int] = {}
     for o in outs:
         if o["error"]:

@@ -18,6 +18,7 @@ from .evaluate import JUDGES
 POINT_COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs")]
 HELDOUT_COLUMNS = [("pref_accuracy", "held-out pref. accuracy"), ("pref_margin", "held-out margin")]
 TITLES = {"pref_accuracy": "held-out preference accuracy", "pref_margin": "held-out implicit-reward margin"}
+VERDICT_COLORS = (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("invalid", "white"))
 # Metrics in percent (alpaca_eval's), though named *_rate: every other *_rate, score and accuracy is a fraction.
 PERCENT = ("alpaca_win_rate", "discrete_win_rate", "lc_win_rate", "lc_win_rate_estimate")
 
@@ -105,7 +106,7 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
     flat = len(results) > 4  # more than four bars lie on their side, one line each, so long labels stay readable
     labels = bar_labels(results, ", " if flat else "\n")
     bottom = [0] * len(results)
-    for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("invalid", "white")):
+    for key, color in VERDICT_COLORS:
         vals = [r.get(key) or 0 for r in results]
         style = {"color": color, "edgecolor": "black", "linewidth": 0.5, "label": key}
         if flat:
@@ -171,13 +172,8 @@ def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dic
                         for r in results)
     errors = "".join(f"<li>{html.escape(_point(r))} failed: {html.escape(r['error'])}</li>" for r in failed)
     intro_html = "".join(f"<p>{html.escape(p).replace('**', '')}</p>" for p in intro)
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Alignment report</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}</style></head><body>"
-        f"<h1>Alignment report</h1>{intro_html}<table><tr>{cells}</tr>{body_rows}</table>"
-        f"<p><img alt='{metric}' src='data:image/png;base64,{img}'></p><ul>{errors}</ul></body></html>"
-    )
+    page = _page("Alignment report", f"<h1>Alignment report</h1>{intro_html}<table><tr>{cells}</tr>{body_rows}"
+                 f"</table><p><img alt='{metric}' src='data:image/png;base64,{img}'></p><ul>{errors}</ul>")
     (out_dir / "report.html").write_text(page)
     return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"), "plot": str(png)}
 
@@ -187,7 +183,6 @@ def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dic
 # The generate stage's numbers on each model's answers, after the judge's columns: (part, key, heading).
 ANSWER_COLUMNS = (("counts", "prompts_answered", "answered"), ("counts", "empty_answers", "empty answers"),
                   ("metrics", "mean_new_tokens", "mean new tokens"), ("metrics", "mean_chars", "mean chars"))
-VERDICT_COLORS = (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("invalid", "white"))
 ABSENT = "-"  # a key the summary does not hold at all (a None is "n/a", with its reason)
 
 
@@ -463,11 +458,16 @@ def _render_html(blocks: list[tuple], out_dir: Path, title: str) -> str:
         elif b[0] == "img":
             img = base64.b64encode((out_dir / b[2]).read_bytes()).decode()
             parts.append(f"<p><img alt='{html.escape(b[1])}' src='data:image/png;base64,{img}'></p>")
+    return _page(title, "".join(parts))
+
+
+def _page(title: str, body: str) -> str:
+    """A self-contained HTML page of the reports' style."""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}"
-        "img{max-width:100%}</style></head><body>" + "".join(parts) + "</body></html>"
+        "img{max-width:100%}</style></head><body>" + body + "</body></html>"
     )
 
 

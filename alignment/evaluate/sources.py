@@ -132,17 +132,9 @@ def served_answers(model: str, prompts: list[dict], served: ServedConfig, max_ne
     """``model``'s answers from the endpoint ``served`` names, in the prompts' order (``[{"answer",
     "num_new_tokens"}]``); answers stored in ``cache_path`` by an earlier try are not asked again. A request that
     still failed after its retries fails the whole call, naming the first error (the key never shows)."""
-    cache = endpoints.read_cache(cache_path)
-    with open(cache_path, "a") as f:
-        def keep(o: dict) -> None:
-            if not o["error"]:
-                f.write(endpoints.cache_line(o["key"], o["answer"], o["num_new_tokens"]))
-                f.flush()
-
-        outs = endpoints.complete_openai(prompts, model, endpoints.Endpoint(served.api_base_env, served.api_key_env),
-                                         max_new_tokens, served.timeout_s, workers=served.concurrency,
-                                         retry=endpoints.Retry(served.max_retries, served.retry_backoff_s),
-                                         cache=cache, on_result=keep)
+    outs = endpoints.complete_cached(prompts, model, endpoints.Endpoint(served.api_base_env, served.api_key_env),
+                                     max_new_tokens, cache_path, timeout=served.timeout_s, workers=served.concurrency,
+                                     retry=endpoints.Retry(served.max_retries, served.retry_backoff_s))
     failed = [o for o in outs if o["error"]]
     if failed:
         raise endpoints.GenerationError(
