@@ -602,6 +602,14 @@ def run_point(cfg: ExperimentConfig) -> dict[str, Any]:
     # The judge's summary and the held-out preference metrics (a pref stage from before them has none: null).
     m = {**dict.fromkeys(heldout.METRICS), **point["pref"]["metrics"].get("heldout", {}),
          **point["judge"]["metrics"]}
+    # The held-out SFT loss of the checkpoint preference tuning started from (sft.eval_rows; a loss, lower is
+    # better, so a column beside the objective rather than one: the search maximises).
+    start = _pick_checkpoint(sft_stage(cfg), cfg.pref.sft_step) if cfg.pref.start_from == "sft" else {}
+    m["sft_eval_loss"] = start.get("eval_loss")
+    if m["sft_eval_loss"] is None:
+        m["sft_eval_loss_reason"] = (f"pref.start_from is {cfg.pref.start_from}: no SFT checkpoint"
+                                     if cfg.pref.start_from != "sft" else "sft.eval_rows is 0, or "
+                                     "sft.eval_at_checkpoints is false: no held-out loss at the checkpoint")
     for name in cfg.search.suites:  # each suite on the trained model, its metrics as <suite>/<metric>
         judged = suite_stages(cfg, name, EvalModelConfig(name=point["model"]), point["target"]["label"])["judge"]
         m.update({f"{name}/{k}": v for k, v in judged["metrics"].items()

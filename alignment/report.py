@@ -16,7 +16,8 @@ from .evaluate import JUDGES
 # The grid point's columns; the judge's own follow, as its entry in JUDGES declares them, then the held-out
 # preference metrics where the points have them.
 POINT_COLUMNS = [("k", "k"), ("sft_step", "SFT step"), ("method", "method"), ("num_pairs", "pairs")]
-HELDOUT_COLUMNS = [("pref_accuracy", "held-out pref. accuracy"), ("pref_margin", "held-out margin")]
+HELDOUT_COLUMNS = [("pref_accuracy", "held-out pref. accuracy"), ("pref_margin", "held-out margin"),
+                   ("sft_eval_loss", "held-out SFT loss")]
 TITLES = {"pref_accuracy": "held-out preference accuracy", "pref_margin": "held-out implicit-reward margin"}
 VERDICT_COLORS = (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("invalid", "white"))
 # Metrics in percent (alpaca_eval's), though named *_rate: every other *_rate, score and accuracy is a fraction.

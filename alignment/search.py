@@ -28,7 +28,8 @@ log = logging.getLogger("alignment")
 
 # What a trial's result keeps from the point's metrics (plus every ``*_rate``): the point, and every judge's
 # settings, counts and metrics as the judges' table declares them (a new judge adds its own there).
-_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", *SUMMARY_KEYS, *HELDOUT_KEYS, "model",
+_KEEP = ("k", "sft_step", "method", "num_pairs", "start_from", "metric", *SUMMARY_KEYS, *HELDOUT_KEYS,
+         "sft_eval_loss", "sft_eval_loss_reason", "model",
          "judge_dir")
 
 

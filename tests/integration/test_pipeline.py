@@ -33,6 +33,7 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert point["prompts"] == 4 and point["judgements"] == 8
     assert point["valid"] + point["invalid"] == 4
     assert point["win"] + point["tie"] + point["loss"] == point["valid"]
+    assert point["sft_eval_loss"] is None and "sft.eval_rows is 0" in point["sft_eval_loss_reason"]
     (suite,) = manifests(run, "evaluate/again")
     assert suite["metrics"]["prompts"] == 2 and point["again/win_rate"] == suite["metrics"]["win_rate"]
     assert suite["label"] == point["judge_dir"].rsplit("/", 1)[-1].rsplit("-", 1)[0]  # the point's label
