@@ -147,7 +147,8 @@ def _post_once(url: str, payload: dict, api_key: str | None, timeout: float) -> 
     try:
         body = json.loads(raw)
         text = body["choices"][0]["message"]["content"] or ""
-        n = int((body.get("usage") or {}).get("completion_tokens") or 0)
+        used = (body.get("usage") or {}).get("completion_tokens")
+        n = int(used) if used is not None else None  # unknown, not 0, where the server does not report usage
         top = _first_top_logprobs(body["choices"][0]) if payload.get("logprobs") else None
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise _Failure("bad response", f"{type(e).__name__}: {e}; body {raw[:200]!r}", False) from None

@@ -269,3 +269,14 @@ def test_a_label_names_a_model_whose_path_ends_like_another(tmp_path, tiny_model
     cfg = load_config(str(path), [f"evaluate.models=[{tiny_model}, {{name: {twin}, label: twin}}]"])
     assert [m.title for m in cfg.evaluate.models] == [tiny_model.name, "twin"]
     assert EvalModelConfig(name="runs/x/pref/k16-abc/checkpoint").title == "checkpoint"
+
+
+def test_a_server_that_reports_no_usage_leaves_token_counts_unknown(tmp_path, fake_endpoint):
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}",
+                             f"evaluate.suites={{v: {{prompts: {VICUNA}, max_prompts: 2}}}}"])
+    served = EvalModelConfig(name="served",
+                             endpoint={"api_base_env": "TEST_JUDGE_URL", "api_key_env": "TEST_JUDGE_KEY"})
+    fake_endpoint.reply = lambda body: {"choices": [{"message": {"content": "an answer"}}]}  # no "usage"
+    done = pipeline.answers_stage(cfg.suite("v"), served, "served", "evaluate/v/answers")
+    assert done["metrics"]["mean_new_tokens"] is None and "usage" in done["metrics"]["mean_new_tokens_reason"]
+    assert done["metrics"]["mean_chars"] == len("an answer") and done["counts"]["empty_answers"] == 0
