@@ -801,7 +801,8 @@ def _check_source(key: str, m: EvalModelConfig, names: dict[str, str]) -> None:
     if m.kind == "local":
         names[key] = m.name
     elif m.kind == "endpoint":
-        _endpoint_set(f"{key}.endpoint", m.endpoint.api_base_env, m.endpoint.api_key_env)
+        _endpoint_set(f"{key}.endpoint", m.endpoint.api_base_env, m.endpoint.api_key_env,
+                      f"{key} is a served model")
     elif "://" not in m.answers and not Path(m.answers).is_file():
         raise ConfigError(f"{key}.answers: file not found: {m.answers}")
 
@@ -851,11 +852,12 @@ def _check_data(key: str, patterns: list[str], run_dir: str) -> None:
             raise formats.DataError(f"{key}: {e}") from None
 
 
-def _endpoint_set(section: str, env: str, key_env: str) -> None:
-    """The endpoint's URL is set and usable, and its key, if any, can be sent (checked as the stage will)."""
+def _endpoint_set(section: str, env: str, key_env: str, why: str | None = None) -> None:
+    """The endpoint's URL is set and usable, and its key, if any, can be sent (checked as the stage will).
+    ``why`` the section needs one (default: its backend is openai)."""
     if not os.environ.get(env):
-        raise ConfigError(f"{section}: the endpoint URL is not set: export {env}=https://.../v1 (the variable "
-                          f"{section}.api_base_env names)")
+        raise ConfigError(f"{why or f'{section}.backend is openai'}, but the endpoint URL is not set: export "
+                          f"{env}=https://.../v1 (the variable {section}.api_base_env names)")
     try:
         endpoints.Endpoint(env, key_env)
     except endpoints.GenerationError as e:
