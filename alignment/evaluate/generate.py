@@ -120,16 +120,12 @@ def first_token_top_logprobs(model, tok, conversations: list[list[dict]], k: int
             for vs, is_ in zip(values.tolist(), ids.tolist(), strict=True)]
 
 
-class HFNextToken:
-    """Ray Data actor: one model, the top-k log-probabilities of each prompt's first answer token."""
+class HFNextToken(HFGenerator):
+    """Ray Data actor: one model (loaded as the generate actor loads it), the top-k log-probabilities of each
+    prompt's first answer token."""
 
     def __init__(self, model_path: str, top_k: int, threads: int, use_gpu: bool):
-        import torch
-
-        from .. import models
-
-        torch.set_num_threads(threads)
-        self.model, self.tok = models.load_for_generation(model_path, use_gpu)
+        super().__init__(model_path, 1, threads, use_gpu)
         self.top_k = top_k
 
     def __call__(self, batch):
