@@ -6,6 +6,8 @@
 Runs `alignment run` (search, then report). To run a single stage, name it first:
     python ray_jobs/run_experiment.py sft --config configs/quickstart.yaml
 Ray sets RAY_ADDRESS for the job, so the pipeline joins this cluster instead of starting its own.
+The clusters in cluster/ run it: aws.yaml and gcp.yaml (`ray up`, then `ray job submit` as above), rayjob.yaml
+(KubeRay: its entrypoint).
 """
 
 import sys
