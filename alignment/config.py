@@ -178,7 +178,7 @@ class SelectConfig(_Strict):
     # the entries of select.SCORERS and select.SELECTORS.
     scorers: list[Literal["length", "random", "deita", "rating"]] = Field(
         ["length"], description="Scorers run on every row, each adding its columns: length (Long Is More), random "
-        "(seeded by the experiment's seed), deita (complexity and quality per turn, evol score), rating (an LLM's "
+        "(seeded by select.seed), deita (complexity and quality per turn, evol score), rating (an LLM's "
         "1-5).",
     )
     rank_by: dict[str, float] | None = Field(
@@ -217,6 +217,10 @@ class SelectConfig(_Strict):
         False, description="If fewer than k rows are valid (or pass the repr filter), keep them instead of failing."
     )
     batch_size: int = Field(1024, ge=1, description="Rows per Ray Data batch.")
+    seed: int | None = Field(
+        None, description="Seed of the random scorer, kmeans and near-dedup; default: the experiment's seed (the "
+        "random baseline of a search sets its own, search.baseline_seeds)."
+    )
 
     @model_validator(mode="after")
     def _ranking(self) -> SelectConfig:
@@ -543,6 +547,24 @@ class JudgeConfig(EndpointConfig):
 
 # Each one a metric the judges or the held-out evaluation declare (alignment.evaluate.JUDGES,
 # evaluate.heldout.METRICS; tests/evaluate/test_judges.py checks).
+# A URI option whose name holds one of these carries a credential (pyarrow's access_key, secret_key, session_token).
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+CREDENTIALS = "credentials_in_uri"  # the error type: its message never repeats the value
+CREDENTIALS_MESSAGE = ("credentials in the URI ({which}) would be written into manifests and logs; give them through "
+                       "the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, ...) instead")
+
+
+def uri_credentials(value: str | None) -> list[str]:
+    """What in a URI is a credential: ``user:password@`` and options such as ``secret_key``."""
+    if not value or "://" not in value:
+        return []
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(value)
+    return ((["user:password@"] if parts.username or parts.password else [])
+            + [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)])
+
+
 SearchMetric = Literal["win_rate", "score", "win_rate_adjusted", "pref_accuracy", "pref_margin", "mt_bench",
                        "alpaca_win_rate", "discrete_win_rate", "lc_win_rate", "lc_win_rate_estimate"]
 
@@ -574,6 +596,45 @@ class SearchConfig(_Strict):
         default_factory=list, description="Suites of evaluate.suites to run on every point's trained model, after "
         "its judge stage; their metrics are in the results as <suite>/<metric>.",
     )
+    judge: bool | None = Field(
+        None, description="Generate and judge (the judge section) at every point; default: when search.metric is "
+        "one of the judge's metrics (a held-out preference metric or a suite's needs no judge stage).",
+    )
+    beta: list[float] | None = Field(
+        None, description="pref.beta values to try; grid: each; random and optuna: log-uniform over [min, max]; "
+        "default: [pref.beta].",
+    )
+    algorithm: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every combination of the listed values; random: num_samples seeded random "
+        "points (k, SFT step, method, pairs: one of the listed; beta: log-uniform); optuna: num_samples points "
+        "proposed by Optuna's TPE through Ray Tune's OptunaSearch (k and the SFT step as ordinals over the listed "
+        "values, so list them log-spaced; method and pairs categorical; beta log-uniform).",
+    )
+    num_samples: int = Field(1, ge=1, description="Trials of random and optuna (grid runs every point once).")
+    seed: int | None = Field(None, description="Seed of random and optuna; default: the experiment's seed.")
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo", description="fifo: every trial runs to its end; asha: each trial (k, method, pairs, beta) walks the "
+        "SFT steps of search.sft_step in order, preference-tuning from each and reporting after each, and ASHA "
+        "(time attribute sft_step) stops unpromising trials early. The best result is chosen over every step.",
+    )
+    reduction_factor: int = Field(2, ge=2, description="asha: the share of trials a rung keeps is 1/reduction_factor.")
+    baseline_selection: Literal["random"] | None = Field(
+        None, description="random: also run every k of the search with a seeded random selection of k rows (the "
+        "same filters before it and the same downstream settings: pref.method, pref.beta, pref.num_pairs, every "
+        "SFT step), one run per seed of baseline_seeds; the report compares the selection with it per k.",
+    )
+    baseline_seeds: list[int] | None = Field(
+        None, description="Seeds of the random baseline's selection; default: [the experiment's seed]. With more "
+        "than one the report shows the spread.",
+    )
+    warm_start: list[str] = Field(
+        default_factory=list, description="Earlier search results (a results.json or a run directory, this one or "
+        "another) whose points and metrics Optuna learns from before proposing new ones (algorithm optuna).",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Also log every trial's point and results to MLflow at this tracking URI (a server, or "
+        "file:/path for a local store); needs the tracking extra (pip install 'alignment[tracking]').",
+    )
 
     @field_validator("metric")
     @classmethod
@@ -582,30 +643,30 @@ class SearchConfig(_Strict):
             raise ValueError(f"{v!r} is neither a metric ({', '.join(get_args(SearchMetric))}) nor <suite>/<metric>")
         return v
 
-    @field_validator("k", "num_pairs")
+    @field_validator("k", "num_pairs", "beta")
     @classmethod
-    def _positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(x < 1 for x in v)):
-            raise ValueError("must be a non-empty list of positive integers")
+    def _positive(cls, v: list | None) -> list | None:
+        if v is not None and (not v or any(x <= 0 for x in v)):
+            raise ValueError("must be a non-empty list of positive numbers")
         return v
 
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_uri_credentials(cls, v: str | None) -> str | None:
+        found = uri_credentials(v)  # the URI lands in manifests: a token goes in MLFLOW_TRACKING_TOKEN instead
+        if found:
+            raise PydanticCustomError(CREDENTIALS, CREDENTIALS_MESSAGE, {"which": ", ".join(found)})
+        return v
 
-# A URI option whose name holds one of these carries a credential (pyarrow's access_key, secret_key, session_token).
-SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-CREDENTIALS = "credentials_in_uri"  # the error type: its message never repeats the value
-CREDENTIALS_MESSAGE = ("credentials in the URI ({which}) would be written into manifests and logs; give them through "
-                       "the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, ...) instead")
-
-
-def uri_credentials(value: str | None) -> list[str]:
-    """What in a URI is a credential: ``user:password@`` and options such as ``secret_key``."""
-    if not value or "://" not in value:
-        return []
-    from urllib.parse import parse_qsl, urlsplit
-
-    parts = urlsplit(value)
-    return ((["user:password@"] if parts.username or parts.password else [])
-            + [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)])
+    @model_validator(mode="after")
+    def _algorithm(self) -> SearchConfig:
+        if self.algorithm == "grid" and self.num_samples != 1:
+            raise ValueError("search.num_samples is for algorithm random or optuna; grid runs every point once")
+        if self.warm_start and self.algorithm != "optuna":
+            raise ValueError("search.warm_start informs Optuna's proposals: it needs algorithm optuna")
+        if self.baseline_seeds is not None and not self.baseline_seeds:
+            raise ValueError("search.baseline_seeds: list at least one seed")
+        return self
 
 
 class ResourcesConfig(_Strict):
@@ -625,9 +686,21 @@ class ResourcesConfig(_Strict):
         "s3://bucket/prefix?region=...); default: the run directory. Credentials come from the environment.",
     )
     cpus_per_trial: float = Field(
-        0.5, ge=0, description="CPUs a search trial's driver holds (its stages ask for their own)."
+        0.5, ge=0, description="CPUs a search trial's driver holds (its stages ask for their own placement: training "
+        "workers, generation and judge actors are never placed inside the trial's bundle)."
     )
-    max_concurrent_trials: int = Field(1, ge=1)
+    trial_custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources a trial's driver also holds, e.g. {head: 0.01} with a "
+        "head node that advertises resources: {head: 1}, to keep the drivers there (cluster/aws.yaml).",
+    )
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once; default: with GPU workers, the GPUs the cluster can scale to "
+        "(max_gpus) over the GPUs a trial's training takes (num_workers); on CPU, 1.",
+    )
+    max_gpus: int | None = Field(
+        None, ge=0, description="GPUs the cluster can scale to (an autoscaling cluster starts with none); default: "
+        "those it has when the search starts.",
+    )
 
     @field_validator("storage_path")
     @classmethod
@@ -842,6 +915,12 @@ class ExperimentConfig(_Strict):
         if unknown:
             raise ValueError(f"search.suites: {', '.join(unknown)} not in evaluate.suites "
                              f"({', '.join(self.evaluate.suites) or 'none'})")
+        if self.search.scheduler == "asha":
+            if self.pref.start_from != "sft":
+                raise ValueError(f"search.scheduler: asha walks the SFT steps preference tuning starts from; "
+                                 f"pref.start_from is {self.pref.start_from}: no SFT step to walk")
+            if len(self.search_steps()) < 2:
+                raise ValueError("search.scheduler: asha walks the SFT steps of search.sft_step: list two or more")
         suite = self.search.metric.partition("/")[0] if "/" in self.search.metric else None
         if suite is not None and suite not in self.search.suites:
             raise ValueError(f"search.metric: {self.search.metric} names the suite {suite}, which search.suites "
@@ -868,23 +947,33 @@ class ExperimentConfig(_Strict):
         cfg.judge = self.suite_judge(name)
         return cfg
 
-    def search_grid(self) -> list[dict[str, Any]]:
-        """Every point of the search: ``{k, sft_step, method, num_pairs}``, k varying slowest."""
-        ks = self.search.k or [self.select.k]
-        steps = self.search.sft_step or [self.pref.sft_step]
+    def search_steps(self) -> list[int | str]:
+        """The SFT steps of the search (search.sft_step, default [pref.sft_step]) in order, "last" as its step
+        number; where preference tuning does not start from SFT, the first as written (there is none to choose)."""
+        written = self.search.sft_step or [self.pref.sft_step]
         if self.pref.start_from != "sft":
-            steps = steps[:1]  # no SFT step to choose
-        methods = self.search.method or [self.pref.method]
-        sizes = self.search.num_pairs or [self.pref.num_pairs]
-        return [{"k": k, "sft_step": s, "method": m, "num_pairs": n}
-                for k in ks for s in steps for m in methods for n in sizes]
+            return written[:1]
+        return sorted({self.sft.max_steps if s == "last" else s for s in written})
+
+    def search_grid(self) -> list[dict[str, Any]]:
+        """Every point of the grid: ``{k, sft_step, method, num_pairs, beta}``, k varying slowest."""
+        s = self.search
+        ks, methods = s.k or [self.select.k], s.method or [self.pref.method]
+        sizes, betas = s.num_pairs or [self.pref.num_pairs], s.beta or [self.pref.beta]
+        return [{"k": k, "sft_step": st, "method": m, "num_pairs": n, "beta": b}
+                for k in ks for st in self.search_steps() for m in methods for n in sizes for b in betas]
 
     def at(self, point: dict[str, Any]) -> ExperimentConfig:
-        """This config at a search point (``{k, sft_step, method, num_pairs}``, as :meth:`search_grid` gives):
-        a validated copy with ``select.k``, ``pref.sft_step``, ``pref.method`` and ``pref.num_pairs`` set."""
+        """This config at a search point: a validated copy with ``select.k``, ``pref.sft_step``, ``pref.method``,
+        ``pref.num_pairs`` and (where the point has them) ``pref.beta`` set; a point with ``selection: random``
+        selects k rows at random (seed ``selection_seed``) after the same filters."""
         raw = self.model_dump(by_alias=True)
         raw["select"]["k"] = point["k"]
         raw["pref"].update(sft_step=point["sft_step"], method=point["method"], num_pairs=point["num_pairs"])
+        if point.get("beta") is not None:
+            raw["pref"]["beta"] = point["beta"]
+        if point.get("selection") == "random":
+            raw["select"].update(scorers=["random"], rank_by=None, selector="top_k", seed=point["selection_seed"])
         try:
             cfg = ExperimentConfig.model_validate(raw)
         except ValidationError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -92,7 +93,8 @@ def select_stage(cfg: ExperimentConfig) -> dict[str, Any]:
     template = cfg.model.chat_template if s.max_tokens else None
     if template:
         inputs["chat_template"] = fingerprint(template)
-    resolved = select.Resolved(files=tuple(files), format=cfg.data.sft_format, seed=cfg.seed, chat_template=template,
+    seed = cfg.seed if s.seed is None else s.seed
+    resolved = select.Resolved(files=tuple(files), format=cfg.data.sft_format, seed=seed, chat_template=template,
                                embedding_model=embedding, **paths)
     # The key: the section as configured (model names: their contents are fingerprinted in inputs) and what
     # was resolved beside it. Rows per Ray Data batch and how endpoint requests are sent (as for the judge) are
@@ -248,10 +250,13 @@ def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
             raise PipelineError(f"{e} ({cfg.data.preferences}: {len(pairs)} usable rows, {len(aside)} set aside: "
                                 f"{_reasons(aside)})") from None
         run = _fit(cfg, d, method, used, held if p.eval_at_checkpoints else [], start, settings, save_steps, res)
+        held = [{k: r[k] for k in _TRAIN_KEYS if k in r} for r in held]
+        _write_jsonl(d / "heldout.jsonl", held)  # the SFT checkpoint alone is scored on them too (sft_alone)
         scores = _heldout(cfg, run["checkpoints"][-1]["path"], start, held)
         return {
             "outputs": {"model": run["checkpoints"][-1]["path"], "start": start_info,
-                        "set_aside": str(d / "set_aside.jsonl"), **_training_outputs(d, run)},
+                        "heldout": str(d / "heldout.jsonl"), "set_aside": str(d / "set_aside.jsonl"),
+                        **_training_outputs(d, run)},
             "counts": {"pairs_read": len(pairs) + len(aside), "pairs_kept": len(pairs), "pairs_set_aside": len(aside),
                        "set_aside_reasons": _reasons(aside), "pairs_used": len(used), "pairs_eval": len(held),
                        "pairs_unused": len(pairs) - len(used) - len(held)},
@@ -595,13 +600,67 @@ def judge_point(cfg: ExperimentConfig) -> dict[str, Any]:
     return {**answers, "judge": judge_stage(cfg, answers["target"], answers["baseline"])}
 
 
+def _judged(cfg: ExperimentConfig) -> bool:
+    """Whether a search point runs the judge section: search.judge, by default when the metric is the judge's."""
+    if cfg.search.judge is not None:
+        return cfg.search.judge
+    return cfg.search.metric not in heldout.METRICS and "/" not in cfg.search.metric
+
+
+def _suite_metrics(cfg: ExperimentConfig, model: str, label: str) -> dict[str, Any]:
+    """Every suite of search.suites on ``model``: its metrics (and their reasons) as <suite>/<metric>."""
+    m = {}
+    for name in cfg.search.suites:
+        judged = suite_stages(cfg, name, EvalModelConfig(name=model), label)["judge"]
+        m.update({f"{name}/{k}": v for k, v in judged["metrics"].items()
+                  if k in JUDGES[cfg.suite_judge(name).protocol].metrics or k.endswith("_reason")})
+    return m
+
+
+def sft_alone(cfg: ExperimentConfig, pref: dict[str, Any]) -> dict[str, Any]:
+    """The search metric of the SFT checkpoint ``pref`` (the preference stage's manifest) started from, without the
+    preference tuning: ``{sft_metric, sft_metric_reason}``. The held-out preference metrics score it against
+    model.base on the preference stage's held-out pairs; a judge metric judges its answers against the baseline; a
+    suite's metric runs the suite on it."""
+    start = pref["outputs"]["start"]
+    metric = cfg.search.metric
+    if start["from"] != "sft":
+        return {"sft_metric": None, "sft_metric_reason": f"pref.start_from is {start['from']}: no SFT checkpoint"}
+    ckpt, label = start["checkpoint"], f"k{cfg.select.k}-step{start['sft_step']}-sft"
+    if metric in heldout.METRICS:
+        held_path = pref["outputs"].get("heldout")
+        if not held_path:
+            return {"sft_metric": None, "sft_metric_reason": f"the preference stage {pref['dir']} predates keeping its "
+                    "held-out pairs"}
+        base = models.resolve(cfg.model.base)
+        conf = {"checkpoint": ckpt, "reference": cfg.model.base, "max_length": cfg.pref.max_length,
+                "chat_template": cfg.model.chat_template, "heldout": list(heldout.METRICS)}
+        inputs = {"heldout": fingerprint(held_path), "checkpoint": fingerprint(ckpt), "reference": fingerprint(base)}
+        scored = run_stage(cfg.run_dir, "sft_eval", label, conf, inputs, lambda d: {
+            "metrics": _heldout(cfg, ckpt, base, _read_jsonl(held_path))})["metrics"]
+        return {"sft_metric": scored.get(metric), "sft_metric_reason": scored.get("heldout_reason")}
+    if "/" in metric:
+        m = _suite_metrics(cfg, ckpt, label)
+        return {"sft_metric": m.get(metric), "sft_metric_reason": m.get(f"{metric}_reason")}
+    target = generate_stage(cfg, ckpt, label)
+    judged = judge_stage(cfg, target, generate_stage(cfg, baseline_model(cfg), "baseline"))["metrics"]
+    return {"sft_metric": judged.get(metric), "sft_metric_reason": judged.get(f"{metric}_reason")}
+
+
 def run_point(cfg: ExperimentConfig) -> dict[str, Any]:
     """select -> sft -> pref -> generate (trained and baseline) -> judge at the config's point (a search trial
-    runs it at ``cfg.at(point)``); returns the point's results."""
-    point = judge_point(cfg)
-    # The judge's summary and the held-out preference metrics (a pref stage from before them has none: null).
-    m = {**dict.fromkeys(heldout.METRICS), **point["pref"]["metrics"].get("heldout", {}),
-         **point["judge"]["metrics"]}
+    runs it at ``cfg.at(point)``; the judge where :func:`_judged`), search.suites on the trained model, and the
+    SFT checkpoint alone (:func:`sft_alone`); returns the point's results."""
+    pref = pref_stage(cfg)
+    model, label = _trained(pref)
+    # The held-out preference metrics (a pref stage from before them has none: null), then the judge's summary.
+    m = {**dict.fromkeys(heldout.METRICS), **pref["metrics"].get("heldout", {})}
+    judge_dir = None
+    if _judged(cfg):
+        target = generate_stage(cfg, model, label)
+        judged = judge_stage(cfg, target, generate_stage(cfg, baseline_model(cfg), "baseline"))
+        m.update(judged["metrics"])
+        judge_dir = judged["dir"]
     # The held-out SFT loss of the checkpoint preference tuning started from (sft.eval_rows; a loss, lower is
     # better, so a column beside the objective rather than one: the search maximises).
     start = _pick_checkpoint(sft_stage(cfg), cfg.pref.sft_step) if cfg.pref.start_from == "sft" else {}
@@ -610,17 +669,21 @@ def run_point(cfg: ExperimentConfig) -> dict[str, Any]:
         m["sft_eval_loss_reason"] = (f"pref.start_from is {cfg.pref.start_from}: no SFT checkpoint"
                                      if cfg.pref.start_from != "sft" else "sft.eval_rows is 0, or "
                                      "sft.eval_at_checkpoints is false: no held-out loss at the checkpoint")
-    for name in cfg.search.suites:  # each suite on the trained model, its metrics as <suite>/<metric>
-        judged = suite_stages(cfg, name, EvalModelConfig(name=point["model"]), point["target"]["label"])["judge"]
-        m.update({f"{name}/{k}": v for k, v in judged["metrics"].items()
-                  if k in JUDGES[cfg.suite_judge(name).protocol].metrics or k.endswith("_reason")})
-    return {"k": cfg.select.k, "sft_step": cfg.pref.sft_step, "method": cfg.pref.method,
+    m.update(_suite_metrics(cfg, model, label))
+    m.update(sft_alone(cfg, pref))
+    step = pref["outputs"]["start"].get("sft_step", cfg.pref.sft_step)
+    return {"k": cfg.select.k, "sft_step": step, "method": cfg.pref.method, "beta": cfg.pref.beta,
             "num_pairs": cfg.pref.num_pairs, "start_from": cfg.pref.start_from, "metric": m.get(cfg.search.metric),
-            **m, "model": point["model"], "judge_dir": point["judge"]["dir"]}
+            **m, "model": model, "judge_dir": judge_dir}
 
 
 def _search(cfg: ExperimentConfig) -> tuple[list[dict], Path]:
-    results, timings = search.run_search(cfg, run_point)
+    storage = _storage(cfg, _run_dir(cfg) / "search")
+
+    def refresh(rows: list[dict]) -> None:  # the report as trials finish, while the search runs
+        report.write_report(rows, config_dict(cfg), _run_dir(cfg) / "report", partial=True)
+
+    results, timings = search.run_search(cfg, run_point, storage, on_rows=refresh)
     return results, write_search_results(cfg, results, timings)
 
 
@@ -650,7 +713,7 @@ def search_error(message: str, failed: list[dict]) -> PipelineError:
     """The error of a search whose ``failed`` trials failed: the first one's error follows ``message``, and the
     exit code is the config/data/model one when every failed trial failed on those."""
     first = failed[0]
-    err = PipelineError(f"{message}; first: k={first['k']}, sft_step={first['sft_step']}: {first['error']}")
+    err = PipelineError(f"{message}; first: k={first['k']}, sft_step={first.get('sft_step')}: {first['error']}")
     err.exit_code = min(r.get("exit_code", err.exit_code) for r in failed)
     return err
 
@@ -704,6 +767,12 @@ def preflight(cfg: ExperimentConfig, command: str) -> None:
         if command in ("search", "run") and cfg.search.metric in heldout.METRICS and cfg.pref.eval_rows == 0:
             raise ConfigError(f"search.metric: {cfg.search.metric} is measured on held-out preference pairs, and "
                               "pref.eval_rows is 0: hold some out (e.g. pref.eval_rows=32)")
+        if command in ("search", "run") and cfg.search.mlflow_tracking_uri:
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:
+                raise ConfigError("search.mlflow_tracking_uri: MLflow is not installed; pip install "
+                                  "'alignment[tracking]'")
         if command in ("search", "run"):
             for name in cfg.search.suites:
                 _check_suite(cfg, name, names)
@@ -868,17 +937,35 @@ def report_only(cfg: ExperimentConfig) -> dict[str, str]:
     results_path = _run_dir(cfg) / "search" / "results.json"
     if not results_path.is_file():
         raise PipelineError(f"no search results at {results_path}; run `alignment run` or `alignment search` first")
-    results = json.loads(results_path.read_text())["trials"]
-    return _write_report(cfg, results)
+    saved = json.loads(results_path.read_text())
+    return _write_report(cfg, saved.get("rows", saved.get("trials", [])))
 
 
 def write_search_results(cfg: ExperimentConfig, results: list[dict], timings: dict) -> Path:
-    """The search's manifest: config, every trial's results, counts and timings."""
-    path = _run_dir(cfg) / "search" / "results.json"
-    failed = sum(1 for r in results if r.get("error"))
-    write_json(path, {"config": config_dict(cfg), "trials": results, "timings": timings,
-                      "counts": {"trials": len(results), "succeeded": len(results) - failed, "failed": failed}})
-    return path
+    """The search's manifest (``results.json``: config, every result row, the best, counts and timings) and the
+    rows as a table (``results.parquet``, ``results.csv``)."""
+    import pandas as pd
+
+    d = _run_dir(cfg) / "search"
+    d.mkdir(parents=True, exist_ok=True)
+    trials: dict[str, list[dict]] = {}
+    for r in results:
+        trials.setdefault(f"{r.get('baseline', False)}/{r.get('trial_id')}", []).append(r)
+    failed = sum(any(r.get("error") for r in rs) for rs in trials.values())
+    stopped = sum(any(r.get("stopped_early") for r in rs) for rs in trials.values())
+    write_json(d / "results.json", {
+        "config": config_dict(cfg), "rows": results, "best": report.best_row(results), "timings": timings,
+        "counts": {"trials": len(trials), "rows": len(results), "succeeded": len(trials) - failed,
+                   "failed": failed, "stopped_early": stopped,
+                   "baseline_trials": sum(k.startswith("True/") for k in trials)}})
+    frame = pd.DataFrame(results)
+    for col in frame.columns:  # a column of mixed kinds (an SFT step 'last' beside numbers) is written as text
+        kinds = {type(v) for v in frame[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        if len(kinds - {int, float}) and len(kinds) > 1:
+            frame[col] = frame[col].map(lambda v: None if v is None else str(v))
+    frame.to_parquet(d / "results.parquet", index=False)
+    frame.to_csv(d / "results.csv", index=False)
+    return d / "results.json"
 
 
 def _write_report(cfg: ExperimentConfig, results: list[dict]) -> dict[str, str]:

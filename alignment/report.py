@@ -1,4 +1,5 @@
-"""The reports, as Markdown and HTML: the search's results, with a plot of the win rate against k and SFT step
+"""The reports, as Markdown and HTML: the search's results, with a plot of the metric against k and SFT step, the
+metric against the SFT step with and without preference tuning, and the selection against a random selection per k
 (:func:`write_report`); and ``alignment evaluate``'s, a table per judge suite across models with its plots and the
 lm-eval table (:func:`write_evaluate_report`)."""
 
@@ -7,7 +8,9 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -31,34 +34,94 @@ def is_fraction(metric: str) -> bool:
                                                                          "win_rate_adjusted", "verbosity_agreement"))
 
 
-def _varied(results: list[dict]) -> set[str]:
-    """Which of method and pairs the search varied."""
-    return {key for key in ("method", "num_pairs") if len({str(r.get(key)) for r in results}) > 1}
+def _num(v: Any) -> float | None:
+    """A finite number as a float; None for None, NaN, a bool or anything else."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
-def _columns(results: list[dict], protocol: str) -> list[tuple[str, str]]:
-    """The table's columns: method and pairs only where the search varied them, then the judge's (as an evaluate
-    suite's table shows them), the held-out metrics where points have them, and the suites' metrics."""
+def _order(v: Any) -> tuple:
+    """A sort key over mixed values: numbers by value, then the rest by their text."""
+    n = _num(v)
+    return (0, n, "") if n is not None else (1, 0.0, str(v))
+
+
+def _varied(results: list[dict], keys: tuple[str, ...] = ("method", "num_pairs", "beta", "selection")) -> set[str]:
+    """Which of ``keys`` the rows hold more than one value of (a row without the key takes no part)."""
+    return {key for key in keys if len({str(r[key]) for r in results if r.get(key) is not None}) > 1}
+
+
+def _has_baseline(results: list[dict]) -> bool:
+    return any(r.get("baseline") for r in results)
+
+
+def _columns(results: list[dict], protocol: str, metric: str = "metric") -> list[tuple[str, str]]:
+    """The table's columns: the trial (where rows name it), k and the SFT step; method, pairs, beta and the
+    selection only where the search varied them, the random selection's seed where baseline rows exist, whether
+    the scheduler stopped the trial early where one was; then the judge's (as an evaluate suite's table shows
+    them), the held-out metrics where points have them, the SFT checkpoint's own metric where rows hold it, and
+    the suites' metrics."""
     varied = _varied(results)
-    point = [(k, n) for k, n in POINT_COLUMNS if k not in ("method", "num_pairs") or k in varied]
+    point = [("trial_id", "trial")] if any(r.get("trial_id") is not None for r in results) else []
+    point += [(k, n) for k, n in POINT_COLUMNS if k not in ("method", "num_pairs") or k in varied]
+    if "beta" in varied:
+        point.append(("beta", "beta"))
+    if "selection" in varied or _has_baseline(results):
+        point.append(("selection", "selection"))
+    if _has_baseline(results):
+        point.append(("selection_seed", "seed"))
+    if any(r.get("stopped_early") for r in results):
+        point.append(("stopped_early", "stopped early"))
     held = [c for c in HELDOUT_COLUMNS if any(r.get(c[0]) is not None for r in results)]
+    if any("sft_metric" in r for r in results):
+        held.append(("sft_metric", f"{metric} of the SFT checkpoint alone"))
     suites = sorted({k for r in results for k in r if "/" in k and not k.endswith("_reason")})
-    return point + suite_columns(protocol, results) + held + [(k, k.replace("_", " ")) for k in suites]
+    judge = suite_columns(protocol, results) if _judged(results) else []
+    return point + judge + held + [(k, k.replace("_", " ")) for k in suites]
+
+
+def _judged(results: list[dict]) -> bool:
+    """Whether the points ran the judge section (search.judge; a held-out metric's search may not)."""
+    return not results or any(r.get("judge_dir") or r.get("prompts") is not None for r in results)
+
+
+def _cell(r: dict, key: str) -> str:
+    """A table cell: a flag as yes/no, the seed of a row that has none (the configured selection's) as a dash."""
+    v = r.get(key)
+    if key == "stopped_early":
+        return "yes" if v else "no"
+    if key == "selection_seed" and v is None:
+        return "-"
+    return _fmt(v)
+
+
+def _beta(v: Any) -> str:
+    return f"{v:g}" if _num(v) is not None else str(v)
 
 
 def _point(r: dict, sep: str = ", ") -> str:
-    """A grid point's name: k and SFT step, and the method and size where present."""
-    parts = [f"k = {r['k']}", f"SFT step = {r['sft_step']}"]
+    """A row's name: k and SFT step; method, pairs and beta where present; the selection (random and its seed for
+    a baseline row)."""
+    parts = [f"k = {_fmt(r.get('k'))}", f"SFT step = {_fmt(r.get('sft_step'))}"]
     if r.get("method"):
         parts.append(f"method = {r['method']}")
     if r.get("num_pairs"):
         parts.append(f"pairs = {r['num_pairs']}")
+    if r.get("beta") is not None:
+        parts.append(f"beta = {_beta(r['beta'])}")
+    if r.get("baseline"):
+        seed = r.get("selection_seed")
+        parts.append("random selection" + (f" (seed {seed})" if seed is not None else ""))
+    elif r.get("selection"):
+        parts.append(f"selection = {r['selection']}")
     return sep.join(parts)
 
 
 def bar_labels(results: list[dict], sep: str) -> list[str]:
-    """Each grid point's short name: k and SFT step, and method and pairs only where the search varied them."""
-    hide = {key: None for key in ("method", "num_pairs") if key not in _varied(results)}
+    """Each row's short name: k and SFT step, and method, pairs, beta and the selection only where the search
+    varied them (a random-baseline row always says so)."""
+    hide = {key: None for key in ("method", "num_pairs", "beta", "selection") if key not in _varied(results)}
     return [_point({**r, **hide}, sep).replace(" = ", "=").replace("SFT step", "step") for r in results]
 
 
@@ -70,28 +133,121 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _signed(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def metric_reason(r: dict, metric: str) -> str | None:
+    """Why a row has no metric, where it says: its error, ``metric_reason`` or ``<metric>_reason``, or for a
+    held-out preference metric ``heldout_reason``."""
+    if r.get("error"):
+        return f"failed: {r['error']}"
+    for key in ("metric_reason", f"{metric}_reason") + (("heldout_reason",) if metric in TITLES else ()):
+        if isinstance(r.get(key), str) and r[key]:
+            return r[key]
+    return None
+
+
+def best_row(results: list[dict]) -> dict | None:
+    """The row with the highest metric over all rows (every SFT step of every trial), random-baseline rows
+    excluded; the first of equals; None where no row has a metric. The search's manifest's ``best``."""
+    ok = [r for r in results if not r.get("baseline") and _num(r.get("metric")) is not None]
+    return max(ok, key=lambda r: _num(r["metric"])) if ok else None
+
+
+def trial_counts(results: list[dict]) -> tuple[int, int]:
+    """(trials stopped early by the scheduler, trials): rows grouped by ``trial_id`` (a row without one is a trial
+    of its own); a trial is stopped early where any of its rows says ``stopped_early``."""
+    stopped: dict[str, bool] = {}
+    for i, r in enumerate(results):
+        tid = f"id:{r['trial_id']}" if r.get("trial_id") is not None else f"row:{i}"
+        stopped[tid] = stopped.get(tid, False) or bool(r.get("stopped_early"))
+    return sum(stopped.values()), len(stopped)
+
+
+def selection_vs_random(results: list[dict]) -> list[dict]:
+    """Per k, where random-baseline rows exist (else ``[]``): the selection's best metric over its SFT steps and
+    downstream settings at that k (``selection``, with its row ``selection_row`` and ``selection_rows`` counted);
+    each random seed's best over the same (``random_by_seed``), their mean (``random_mean``), sample standard
+    deviation where more than one seed has a value (``random_std``, else None) and count (``seeds``); and
+    ``difference`` = selection - random mean (None where either is missing)."""
+    if not _has_baseline(results):
+        return []
+    out = []
+    for k in sorted({r["k"] for r in results if r.get("k") is not None}, key=_order):
+        sel = [r for r in results if r.get("k") == k and not r.get("baseline") and _num(r.get("metric")) is not None]
+        best = max(sel, key=lambda r: _num(r["metric"])) if sel else None
+        by_seed: dict[Any, float] = {}
+        for r in results:
+            v = _num(r.get("metric"))
+            if r.get("k") == k and r.get("baseline") and v is not None:
+                seed = r.get("selection_seed")
+                by_seed[seed] = max(by_seed.get(seed, -math.inf), v)
+        values = [by_seed[s] for s in sorted(by_seed, key=_order)]
+        mean = statistics.fmean(values) if values else None
+        chosen = _num(best["metric"]) if best else None
+        out.append({"k": k, "selection": chosen, "selection_row": best, "selection_rows": len(sel),
+                    "random_by_seed": {s: by_seed[s] for s in sorted(by_seed, key=_order)}, "random_mean": mean,
+                    "random_std": statistics.stdev(values) if len(values) > 1 else None, "seeds": len(values),
+                    "difference": chosen - mean if chosen is not None and mean is not None else None})
+    return out
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save the figure as PNG through a temporary file, so that a report rewritten while the search runs never
+    shows half a plot."""
+    plt = _pyplot()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _line_key(r: dict) -> tuple:
+    return (bool(r.get("baseline")), r.get("selection_seed"), r.get("selection"), r.get("k"), r.get("method"),
+            r.get("beta"), r.get("num_pairs"))
+
+
 def plot(results: list[dict], metric: str, path: Path) -> Path:
-    """Left: the metric against the SFT step, one line per k. Right: win/tie/loss/invalid counts per point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-    steps = sorted({r["sft_step"] for r in results}, key=lambda s: (isinstance(s, str), s))
-    lines = sorted({(r["k"], r.get("method"), r.get("num_pairs")) for r in results}, key=str)
-    # Lines side by side by a few hundredths of a step, so that equal values (common on small eval sets) do not
-    # hide one another.
-    dodge = 0.04 if len(lines) > 1 else 0.0
-    for i, (k, method, n) in enumerate(lines):
+    """Left: the metric against the SFT step, one line per k (and method, pairs, beta and selection where they
+    vary), the configured selection's rows only where random-baseline rows are beside them (those are in the
+    SFT-step and selection-vs-random plots). Right: win/tie/loss/invalid counts per row, where rows hold them."""
+    plt = _pyplot()
+    verdicts = any(r.get(key) is not None for r in results for key in ("win", "tie", "loss"))
+    flat = len(results) > 4  # more than four bars lie on their side, one line each, so long labels stay readable
+    height = min(24.0, max(4.0, 1.5 + 0.28 * len(results))) if flat and verdicts else 4.0
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, height), gridspec_kw={"width_ratios": [3, 2]})
+    steps = sorted({r.get("sft_step") for r in results if r.get("sft_step") is not None}, key=_order)
+    shown = [r for r in results if not r.get("baseline")] or results
+    lines = sorted({_line_key(r) for r in shown}, key=str)
+    varied = _varied(shown)
+    # Lines side by side by a few hundredths of a step (a third of a step at most), so that equal values (common
+    # on small eval sets) do not hide one another.
+    dodge = min(0.04, 0.3 / len(lines)) if len(lines) > 1 else 0.0
+    for i, key in enumerate(lines):
         shift = dodge * (i - (len(lines) - 1) / 2)
-        pts = [(steps.index(r["sft_step"]) + shift, r.get(metric)) for r in results
-               if (r["k"], r.get("method"), r.get("num_pairs")) == (k, method, n)]
-        pts = [(x, y) for x, y in sorted(pts) if y is not None and not math.isnan(y)]
-        label = f"k = {k}" + (f", {method}" if len({x[1] for x in lines}) > 1 else "") \
-            + (f", {n} pairs" if len({x[2] for x in lines}) > 1 else "")
+        pts = [(steps.index(r["sft_step"]) + shift, _num(r.get("metric"))) for r in shown
+               if _line_key(r) == key and r.get("sft_step") is not None]
+        pts = [(x, y) for x, y in sorted(pts, key=lambda p: p[0]) if y is not None]
+        baseline, seed, selection, k, method, beta, n = key
+        label = f"k = {k}" + (f", {method}" if "method" in varied else "") \
+            + (f", {n} pairs" if "num_pairs" in varied else "") \
+            + (f", beta {_beta(beta)}" if "beta" in varied else "") \
+            + (f", random (seed {seed})" if baseline else f", {selection}" if "selection" in varied else "")
         if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="s" if baseline else "o",
+                    linestyle=":" if baseline else "-", label=label)
     ax.set_xticks(range(len(steps)), [str(s) for s in steps])
     ax.set_xlabel("SFT checkpoint step that preference tuning starts from")
     ax.set_ylabel(metric.replace("_", " "))
@@ -99,44 +255,316 @@ def plot(results: list[dict], metric: str, path: Path) -> Path:
         ax.set_ylim(-0.02, 1.02)  # a fraction; a margin, a 1-10 score or a percentage has its own scale
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend()
+        ax.legend(fontsize="small" if len(ax.lines) > 6 else None)
     else:
         ax.text(0.5, 0.5, f"no point has a {metric}", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(TITLES.get(metric, f"{metric.replace('_', ' ')} against the baseline"))
+    title = TITLES.get(metric, f"{metric.replace('_', ' ')} against the baseline")
+    ax.set_title(title + (" (selection; random baseline below)" if shown is not results else ""))
 
-    flat = len(results) > 4  # more than four bars lie on their side, one line each, so long labels stay readable
+    if not verdicts:
+        bars.text(0.5, 0.5, "no judge verdicts in these rows", ha="center", va="center", transform=bars.transAxes)
+        bars.set_axis_off()
+        fig.tight_layout()
+        return _save(fig, path)
     labels = bar_labels(results, ", " if flat else "\n")
+    ys = list(range(len(results)))  # positions, not labels: two rows of one name keep a bar each
     bottom = [0] * len(results)
     for key, color in VERDICT_COLORS:
         vals = [r.get(key) or 0 for r in results]
         style = {"color": color, "edgecolor": "black", "linewidth": 0.5, "label": key}
         if flat:
-            bars.barh(labels, vals, left=bottom, **style)
+            bars.barh(ys, vals, left=bottom, **style)
         else:
-            bars.bar(labels, vals, bottom=bottom, **style)
+            bars.bar(ys, vals, bottom=bottom, **style)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    (bars.set_xlabel if flat else bars.set_ylabel)("prompts")
     if flat:
-        bars.invert_yaxis()  # the first grid point on top, as in the table
-    bars.set_title("verdicts per grid point")
+        bars.set_yticks(ys, labels, fontsize="small" if len(results) > 12 else None)
+        bars.set_xlabel("prompts")
+        bars.invert_yaxis()  # the first row on top, as in the table
+    else:
+        bars.set_xticks(ys, labels)
+        bars.set_ylabel("prompts")
+    bars.set_title("verdicts per row")
     bars.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, clear of labels
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """Write report.md, report.html and winrate.png into ``out_dir``."""
+MARKERS = ("o", "^", "D", "v", "P", "X", "<", ">", "h", "*")
+PREF_METRICS = ("pref_accuracy", "pref_margin")
+
+
+def _setting(r: dict) -> tuple:
+    """The downstream setting of a row: method, beta, pairs."""
+    return (r.get("method"), r.get("beta"), r.get("num_pairs"))
+
+
+def _steps(results: list[dict]) -> list:
+    return sorted({r["sft_step"] for r in results if r.get("sft_step") is not None}, key=_order)
+
+
+def _lighter(color: str, amount: float = 0.5) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return tuple(c + (1 - c) * amount for c in to_rgb(color))  # type: ignore[return-value]
+
+
+def plot_sft_steps(results: list[dict], metric: str, path: Path) -> Path:
+    """The metric against the SFT step (Deita's issue 21): one line per selection, k and downstream setting
+    (method, beta, pairs where they vary), solid with preference tuning, dashed for the SFT checkpoint alone
+    (``sft_metric``); random-baseline lines in the same colour, lighter and thinner, at the mean over seeds with
+    the sample standard deviation as error bars; hollow markers for the points of trials stopped early. A
+    selection line has a marker per row and runs through their mean where several rows share a step."""
+    from matplotlib.lines import Line2D
+
+    plt = _pyplot()
+    steps = _steps(results)
+    numeric = all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+    pos = {s: (s if numeric else i) for i, s in enumerate(steps)}
+    rows = [r for r in results if r.get("sft_step") in pos and r.get("k") is not None]
+    varied = _varied(rows)
+    colors = {k: f"C{i % 10}" for i, k in enumerate(sorted({r["k"] for r in rows}, key=_order))}
+    markers = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(sorted({_setting(r) for r in rows}, key=str))}
+
+    def label(baseline: bool, selection: Any, k: Any, setting: tuple | None, seeds: int) -> str:
+        name = ("random" if baseline else str(selection or "selection")) + f", k = {k}"
+        if setting is not None:
+            method, beta, pairs = setting
+            name += (f", {method}" if "method" in varied else "") \
+                + (f", beta {_beta(beta)}" if "beta" in varied else "") \
+                + (f", {pairs} pairs" if "num_pairs" in varied else "")
+        else:
+            name += ", SFT alone"
+        return name + (f" ({seeds} seeds)" if baseline and seeds > 1 else "")
+
+    tuned: dict[tuple, dict[Any, list[tuple[float, bool, Any]]]] = {}
+    alone: dict[tuple, dict[Any, dict[Any, float]]] = {}
+    for r in rows:
+        baseline, step = bool(r.get("baseline")), r["sft_step"]
+        v = _num(r.get("metric"))
+        if v is not None:
+            key = (baseline, None if baseline else r.get("selection"), r["k"], _setting(r))
+            tuned.setdefault(key, {}).setdefault(step, []).append((v, bool(r.get("stopped_early")),
+                                                                   r.get("selection_seed")))
+        s = _num(r.get("sft_metric"))
+        if s is not None:  # the checkpoint's own value: the same for every downstream setting at its step
+            key = (baseline, None if baseline else r.get("selection"), r["k"])
+            alone.setdefault(key, {}).setdefault(step, {}).setdefault(r.get("selection_seed"), s)
+
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    stopped_any = False
+    for (baseline, selection, k, setting), by_step in sorted(tuned.items(), key=lambda kv: str(kv[0])):
+        color = _lighter(colors[k]) if baseline else colors[k]
+        pts = sorted(by_step.items(), key=lambda kv: pos[kv[0]])
+        xs = [pos[s] for s, _ in pts]
+        ys = [statistics.fmean(v for v, *_ in vals) for _, vals in pts]
+        err = [statistics.stdev([v for v, *_ in vals]) if len(vals) > 1 else 0.0 for _, vals in pts]
+        seeds = len({seed for _, vals in pts for *_, seed in vals})
+        style = {"color": color, "marker": markers[setting], "linewidth": 1.2 if baseline else 2.0,
+                 "markersize": 5 if baseline else 7, "label": label(baseline, selection, k, setting, seeds)}
+        hollow_style = {"linestyle": "none", "marker": markers[setting], "markersize": style["markersize"] + 2,
+                        "markerfacecolor": "white", "markeredgecolor": color, "markeredgewidth": 1.5}
+        if baseline:  # the mean over seeds, hollow where a seed's trial was stopped early
+            if any(err):
+                ax.errorbar(xs, ys, yerr=err, capsize=3, **style)
+            else:
+                ax.plot(xs, ys, **style)
+            hollow = [(x, y) for x, y, (_, vals) in zip(xs, ys, pts) if any(st for _, st, _ in vals)]
+        else:  # the line through the mean, a marker per row: two trials of one setting keep their own
+            ax.plot([], [], **style)  # the legend's entry
+            ax.plot(xs, ys, color=color, linewidth=style["linewidth"])
+            every = [(pos[s], v, st) for s, vals in pts for v, st, _ in vals]
+            ax.plot([x for x, _, st in every if not st], [v for _, v, st in every if not st], linestyle="none",
+                    marker=markers[setting], markersize=style["markersize"], color=color)
+            hollow = [(x, v) for x, v, st in every if st]
+        if hollow:
+            stopped_any = True
+            ax.plot([x for x, _ in hollow], [y for _, y in hollow], **hollow_style)
+    for (baseline, selection, k), by_step in sorted(alone.items(), key=lambda kv: str(kv[0])):
+        color = _lighter(colors[k]) if baseline else colors[k]
+        pts = sorted(by_step.items(), key=lambda kv: pos[kv[0]])
+        xs = [pos[s] for s, _ in pts]
+        ys = [statistics.fmean(seeds.values()) for _, seeds in pts]
+        err = [statistics.stdev(seeds.values()) if len(seeds) > 1 else 0.0 for _, seeds in pts]
+        nseeds = len({seed for _, seeds in pts for seed in seeds})
+        style = {"color": color, "marker": "x", "linestyle": "--", "linewidth": 1.0 if baseline else 1.6,
+                 "label": label(baseline, selection, k, None, nseeds)}
+        if baseline and any(err):
+            ax.errorbar(xs, ys, yerr=err, capsize=3, **style)
+        else:
+            ax.plot(xs, ys, **style)
+
+    ax.set_xticks([pos[s] for s in steps], [str(s) for s in steps])
+    ax.set_xlabel("SFT step (the checkpoint preference tuning starts from)")
+    ax.set_ylabel(metric.replace("_", " "))
+    if is_fraction(metric):
+        ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{TITLES.get(metric, metric.replace('_', ' '))} against the SFT step")
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        guide = [Line2D([], [], color="black", linewidth=2.0, label="with preference tuning")]
+        if alone:
+            guide.append(Line2D([], [], color="black", linestyle="--", marker="x", label="SFT checkpoint alone"))
+        if _has_baseline(rows):
+            guide.append(Line2D([], [], color=_lighter("black", 0.55), linewidth=1.2,
+                                label="random baseline (lighter: mean over seeds ± std)"))
+        if stopped_any:
+            guide.append(Line2D([], [], linestyle="none", marker="o", markersize=8, markerfacecolor="white",
+                                markeredgecolor="black", markeredgewidth=1.5, label="stopped by ASHA"))
+        entries = handles + guide
+        ax.legend(handles=entries, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  ncol=2 if len(entries) > 18 else 1)
+    else:
+        ax.text(0.5, 0.5, f"no row has a {metric} yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_selection_vs_random(comparison: list[dict], metric: str, path: Path, selection: str = "selection") -> Path:
+    """Grouped bars per k: the selection's best metric and the random baseline's mean over seeds (error bars: the
+    sample standard deviation where more than one seed has a value; dots: each seed's value)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(comparison) + 2.5), 4))
+    xs = list(range(len(comparison)))
+    width = 0.38
+    sel = [math.nan if c["selection"] is None else c["selection"] for c in comparison]
+    rnd = [math.nan if c["random_mean"] is None else c["random_mean"] for c in comparison]
+    ax.bar([x - width / 2 for x in xs], sel, width, color="C0", edgecolor="black", linewidth=0.5,
+           label=f"{selection} (best)")
+    ax.bar([x + width / 2 for x in xs], rnd, width, color=_lighter("C0", 0.6), hatch="//", edgecolor="black",
+           linewidth=0.5, label="random (mean over seeds)")
+    spread = [(x + width / 2, c["random_mean"], c["random_std"]) for x, c in zip(xs, comparison)
+              if c["random_std"] is not None]
+    if spread:
+        ax.errorbar([x for x, *_ in spread], [m for _, m, _ in spread], yerr=[s for *_, s in spread],
+                    fmt="none", ecolor="black", capsize=4, label="± sample std over seeds")
+    dots = [(x + width / 2, v) for x, c in zip(xs, comparison) if c["seeds"] > 1 for v in c["random_by_seed"].values()]
+    if dots:
+        ax.plot([x for x, _ in dots], [v for _, v in dots], linestyle="none", marker=".", color="black",
+                label="a seed")
+    for x, c in zip(xs, comparison):
+        for dx, v in ((-width / 2, c["selection"]), (width / 2, c["random_mean"])):
+            if v is None:
+                ax.text(x + dx, 0, "n/a", ha="center", va="bottom", fontsize="small")
+    ax.set_xticks(xs, [f"k = {c['k']}" for c in comparison])
+    ax.set_ylabel(metric.replace("_", " "))
+    if is_fraction(metric):
+        ax.set_ylim(0, 1.02)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"{selection} vs random selection, per k")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _search_line(search: dict) -> str | None:
+    """The search's settings: algorithm, scheduler, samples, the random baseline."""
+    parts = []
+    if search.get("algorithm"):
+        parts.append(f"{search['algorithm']} search")
+    if search.get("scheduler"):
+        parts.append(f"scheduler {search['scheduler']}")
+    if search.get("num_samples") not in (None, 1):
+        parts.append(f"{search['num_samples']} samples")
+    if search.get("baseline_selection"):
+        seeds = search.get("baseline_seeds")
+        parts.append(f"a {search['baseline_selection']}-selection baseline at every k with the same downstream "
+                     "settings" + (f" (seeds {', '.join(str(s) for s in seeds)})" if seeds else ""))
+    return ("Search: " + ", ".join(parts) + ".") if parts else None
+
+
+def _sft_steps_blocks(results: list[dict], cfg: dict, metric: str, out_dir: Path) -> tuple[list[tuple], Path | None]:
+    """The SFT-step section: the plot and its caption, or a line saying why there is none."""
+    blocks: list[tuple] = [("h2", "The metric against the SFT step")]
+    path = out_dir / "sft_steps.png"
+    steps = _steps(results)
+    if len(steps) < 2:
+        path.unlink(missing_ok=True)  # a plot an earlier write of this report left
+        why = f"every row is at SFT step {steps[0]}" if steps else "no row has an SFT step yet"
+        return [*blocks, ("p", f"No SFT-step plot: {why}.")], None
+    png = plot_sft_steps(results, metric, path)
+    caption = (f"{metric} at each SFT step: solid lines with preference tuning from that step's checkpoint, dashed "
+               "the SFT checkpoint alone (no preference tuning); a marker per row, the line through their mean where "
+               "several share a step.")
+    if _has_baseline(results):
+        caption += (" The random-selection baseline's lines are lighter and thinner, in the colour of their k: the "
+                    "mean over seeds (a marker per step), error bars the sample standard deviation.")
+    if any(r.get("stopped_early") for r in results):
+        caption += (" Hollow markers: points of trials the scheduler (ASHA) stopped early (on a baseline line: a "
+                    "seed's trial among those averaged).")
+    if metric in PREF_METRICS:
+        base = (cfg.get("model") or {}).get("base")
+        caption += (f" The SFT checkpoint alone's {metric} is measured against model.base (`{base}`) as the "
+                    "reference model; with preference tuning, against the SFT checkpoint preference tuning "
+                    "started from.")
+    blocks += [("img", f"{metric} against the SFT step", png.name), ("p", caption)]
+    reasons: dict[str, int] = {}
+    for r in results:
+        if "sft_metric" in r and _num(r.get("sft_metric")) is None and not r.get("error"):
+            why = r.get("sft_metric_reason") or "no reason recorded"
+            reasons[why] = reasons.get(why, 0) + 1
+    if not any(_num(r.get("sft_metric")) is not None for r in results):
+        blocks.append(("p", "No row has a value for the SFT checkpoint alone (sft_metric), so no dashed line."))
+    if reasons:
+        blocks.append(("ul", [f"SFT checkpoint alone n/a in {_count(n, 'row')}: {why}"
+                              for why, n in reasons.items()]))
+    return blocks, png
+
+
+def _comparison_blocks(results: list[dict], cfg: dict, metric: str, out_dir: Path) -> tuple[list[tuple], Path | None]:
+    """The selection against the random baseline per k: a table and grouped bars; nothing without baseline rows."""
+    path = out_dir / "selection_vs_random.png"
+    comparison = selection_vs_random(results)
+    if not comparison:
+        path.unlink(missing_ok=True)
+        return [], None
+    names = sorted({str(r["selection"]) for r in results if not r.get("baseline") and r.get("selection")})
+    selection = "+".join(names) if len(names) == 1 else ("selection" if not names else " / ".join(names))
+    expected = len((cfg.get("search") or {}).get("baseline_seeds") or [])
+    rows = []
+    for c in comparison:
+        best = c["selection_row"]
+        at = "n/a" if best is None else _point({**best, "selection": None}).partition(", ")[2]
+        if c["seeds"] > 1:
+            spread = f"std {c['random_std']:.3f}, n = {c['seeds']} seeds"
+        else:
+            spread = "one seed" if c["seeds"] == 1 else "no seed has a value yet"
+        if expected > c["seeds"]:
+            spread += f" (of {expected})"
+        rows.append([str(c["k"]), _fmt(c["selection"]), at, str(c["selection_rows"]), _fmt(c["random_mean"]),
+                     _signed(c["difference"]), spread])
+    png = plot_selection_vs_random(comparison, metric, path, selection)
+    blocks: list[tuple] = [
+        ("h2", "Selection vs random selection"),
+        ("p", f"Per k: {selection}'s {metric} is the best over its SFT steps and downstream settings at that k (its "
+              "rows counted); the random baseline's is each seed's best over the same, averaged over the seeds, "
+              "with their sample standard deviation where more than one seed ran. Difference: selection - random."),
+        ("table", ["k", f"{selection} (best)", "best at", "rows", "random (mean over seeds)", "difference",
+                   "random spread"], rows),
+        ("img", f"{selection} vs random selection", png.name),
+    ]
+    return blocks, png
+
+
+def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path, *, partial: bool = False) -> dict[str, str]:
+    """Write report.md, report.html and winrate.png into ``out_dir``; with rows at more than one SFT step
+    sft_steps.png (the metric against the SFT step, with preference tuning and without), and with random-baseline
+    rows selection_vs_random.png. Renders from any list of rows, failed, unfinished or partial; ``partial``: the
+    search is still running (the report says so). Returns the paths written (markdown, html, plot, and where
+    written sft_steps, selection_vs_random)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metric = cfg["search"]["metric"]
-    png = plot(results, metric if metric != "score" else "score", out_dir / "winrate.png")
+    search = cfg.get("search") or {}
+    metric = search.get("metric") or "win_rate"
+    # The configured selection's rows first, then the random baseline's, each in the order given.
+    results = sorted(results, key=lambda r: bool(r.get("baseline")))
+    png = plot(results, metric, out_dir / "winrate.png")
     judge_cfg = cfg["judge"]
     kind = JUDGES[judge_cfg["protocol"]]
     baseline = judge_cfg.get("baseline") or cfg["model"]["base"]
-    ok = [r for r in results if r.get("metric") is not None]
-    best = max(ok, key=lambda r: r["metric"]) if ok else None
+    best = best_row(results)
     failed = [r for r in results if r.get("error")]
 
     sel = cfg["select"]
@@ -145,38 +573,64 @@ def write_report(results: list[dict], cfg: dict[str, Any], out_dir: Path) -> dic
     ranking = ranking.replace("length", f"length ({sel['length_unit']})")
     intro = [
         f"Experiment **{cfg['name']}**: model `{cfg['model']['base']}`, selection ranked by {ranking} "
-        f"({sel['selector']}), preference method {', '.join(cfg['search'].get('method') or [cfg['pref']['method']])}, "
+        f"({sel['selector']}), preference method {', '.join(search.get('method') or [cfg['pref']['method']])}, "
         f"starting from {cfg['pref']['start_from']}.",
-        f"Judge: `{judge_cfg['model']}` ({judge_cfg['backend']}), {kind.describe(judge_cfg)}; baseline: `{baseline}`.",
-        kind.note,
+        *([f"Judge: `{judge_cfg['model']}` ({judge_cfg['backend']}), {kind.describe(judge_cfg)}; baseline: "
+           f"`{baseline}`.", kind.note] if _judged(results) else
+          ["No judge ran at the points (search.judge: the search metric needs none)."]),
+        _search_line(search),
     ]
+    stopped, trials = trial_counts(results)
+    if partial:
+        intro.append(f"The search is still running: {_count(len(results), 'row')} of {_count(trials, 'trial')} so "
+                     "far; this report is rewritten as trials finish.")
     if best:
-        intro.append(f"Best by {metric}: {_point(best)} ({_fmt(best['metric'])}).")
+        ok = sum(1 for r in results if not r.get("baseline") and _num(r.get("metric")) is not None)
+        trial = f" (trial {best['trial_id']})" if best.get("trial_id") is not None else ""
+        intro.append(f"Best{' so far' if partial else ''}: {metric} = {_fmt(_num(best['metric']))} at {_point(best)}"
+                     f"{trial}, over the {ok} rows with a value (every SFT step of every trial; random-baseline rows "
+                     "excluded).")
+    elif not results:
+        intro.append("No trial has reported yet.")
     elif metric in TITLES:
         why = next((r["heldout_reason"] for r in results if r.get("heldout_reason")), "see the pref manifests")
         intro.append(f"No point has a {metric}: {why}.")
+    elif partial:
+        intro.append(f"No row has a {metric} yet.")
     else:
         intro.append(f"No point has a valid {metric}: every judgement was unparsed or failed.")
+    if search.get("scheduler") == "asha" or stopped:
+        intro.append(f"{stopped} of {trials} trials stopped early by ASHA.")
 
-    columns = _columns(results, judge_cfg["protocol"])
-    header = "| " + " | ".join(name for _, name in columns) + " |"
-    sep = "|" + "---|" * len(columns)
-    rows = ["| " + " | ".join(_fmt(r.get(key)) for key, _ in columns) + " |" for r in results]
-    md = ["# Alignment report", "", *intro, "", header, sep, *rows, "", f"![{metric}](winrate.png)", ""]
-    for r in failed:
-        md.append(f"- {_point(r)} failed: {r['error']}")
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
-
-    img = base64.b64encode(png.read_bytes()).decode()
-    cells = "".join(f"<th>{html.escape(n)}</th>" for _, n in columns)
-    body_rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k, _ in columns) + "</tr>"
-                        for r in results)
-    errors = "".join(f"<li>{html.escape(_point(r))} failed: {html.escape(r['error'])}</li>" for r in failed)
-    intro_html = "".join(f"<p>{html.escape(p).replace('**', '')}</p>" for p in intro)
-    page = _page("Alignment report", f"<h1>Alignment report</h1>{intro_html}<table><tr>{cells}</tr>{body_rows}"
-                 f"</table><p><img alt='{metric}' src='data:image/png;base64,{img}'></p><ul>{errors}</ul>")
-    (out_dir / "report.html").write_text(page)
-    return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"), "plot": str(png)}
+    columns = _columns(results, judge_cfg["protocol"], metric)
+    table = [[_cell(r, key) for key, _ in columns] for r in results]
+    blocks: list[tuple] = [("h1", "Alignment report"), *(("p", p) for p in intro if p),
+                           ("table", [name for _, name in columns], table), ("img", metric, png.name)]
+    notes = [f"{_point(r)} failed: {r['error']}" for r in failed]
+    unexplained = 0
+    for r in results:
+        if not r.get("error") and _num(r.get("metric")) is None:
+            why = metric_reason(r, metric)
+            if why:
+                notes.append(f"{_point(r)}: {metric} n/a: {why}")
+            else:
+                unexplained += 1
+    if unexplained:
+        notes.append(f"{unexplained} row{'s have' if unexplained > 1 else ' has'} no {metric} and no recorded reason.")
+    if notes:
+        blocks.append(("ul", notes))
+    paths = {"plot": str(png)}
+    steps_blocks, steps_png = _sft_steps_blocks(results, cfg, metric, out_dir)
+    blocks += steps_blocks
+    if steps_png:
+        paths["sft_steps"] = str(steps_png)
+    comparison_blocks, comparison_png = _comparison_blocks(results, cfg, metric, out_dir)
+    blocks += comparison_blocks
+    if comparison_png:
+        paths["selection_vs_random"] = str(comparison_png)
+    _write_text(out_dir / "report.md", _render_md(blocks))
+    _write_text(out_dir / "report.html", _render_html(blocks, out_dir, "Alignment report"))
+    return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"), **paths}
 
 
 # ------------------------------------------------------------------------------------- the alignment evaluate report

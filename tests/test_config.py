@@ -25,7 +25,7 @@ def test_shipped_configs_load(name):
     """Every YAML under configs/ (recipes included) validates, and its search has points."""
     cfg = load_config(ROOT / "configs" / name)
     points = cfg.search_grid()
-    assert points and all(set(p) == {"k", "sft_step", "method", "num_pairs"} for p in points)
+    assert points and all(set(p) == {"k", "sft_step", "method", "num_pairs", "beta"} for p in points)
 
 
 def test_unknown_key_names_the_key_and_file(tmp_path):
@@ -85,7 +85,7 @@ def test_a_search_point_is_a_validated_copy_of_the_config(tmp_path):
     cfg = load_config(path)
     point = cfg.search_grid()[-1]
     at = cfg.at(point)
-    assert point == {"k": 16, "sft_step": 4, "method": "kto", "num_pairs": None}
+    assert point == {"k": 16, "sft_step": 4, "method": "kto", "num_pairs": None, "beta": 0.2}
     assert (at.select.k, at.pref.sft_step, at.pref.method, at.pref.num_pairs) == (16, 4, "kto", None)
     assert (cfg.select.k, cfg.pref.sft_step, cfg.pref.method) == (1000, "last", "dpo")  # a copy
     assert at.source == str(path) and at.run_dir == cfg.run_dir == str(Path("runs/x").resolve())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from alignment import report
 
 
@@ -171,3 +175,139 @@ def test_the_plot_scale_knows_fractions_from_percentages():
                                                "vicuna/win_rate", "order_disagreement_rate", "verbosity_agreement"))
     assert not any(report.is_fraction(m) for m in ("alpaca_win_rate", "lc_win_rate", "alpaca/lc_win_rate",
                                                    "mt_bench", "pref_margin", "mt/mt_bench"))
+
+
+# ------------------------------------------------------------------- the search's report: ASHA, SFT steps, baseline
+
+
+def _search_cfg(**search) -> dict:
+    from alignment.config import ExperimentConfig, config_dict
+
+    cfg = config_dict(ExperimentConfig())
+    cfg["search"].update({"metric": "pref_accuracy", "algorithm": "grid", "scheduler": "fifo", "num_samples": 1,
+                          "baseline_selection": None, "baseline_seeds": None, **search})
+    return cfg
+
+
+def _row(trial: str, k: int, step: int, metric: float | None, **kw) -> dict:
+    """A search result row as the search writes it (held-out metric, no judge verdicts)."""
+    return {"trial_id": trial, "k": k, "sft_step": step, "method": "dpo", "num_pairs": 64, "beta": None,
+            "metric": metric, "pref_accuracy": metric, "pref_margin": None if metric is None else 2 * metric,
+            "selection": "length", "baseline": False, "selection_seed": None, "stopped_early": False,
+            "sft_metric": None if metric is None else metric / 2, "sft_metric_reason": None, **kw}
+
+
+def _asha_rows() -> list[dict]:
+    # tA walks all three steps; tB is stopped by ASHA after step 3; tC peaks at step 6.
+    return [_row("tA", 16, 3, 0.2), _row("tA", 16, 6, 0.4), _row("tA", 16, 9, 0.5),
+            _row("tB", 48, 3, 0.6, stopped_early=True),
+            _row("tC", 48, 3, 0.3), _row("tC", 48, 6, 0.7), _row("tC", 48, 9, 0.65)]
+
+
+def test_search_report_sft_step_plot_best_line_and_asha_count(tmp_path):
+    rows = _asha_rows()
+    # A random-baseline row above every selection row: not the best (the manifest's best excludes it too).
+    rows.append(_row("tR", 48, 6, 0.9, selection="random", baseline=True, selection_seed=0))
+    assert report.best_row(rows) is rows[5]
+    assert report.trial_counts(rows) == (1, 4)
+    paths = report.write_report(rows, _search_cfg(scheduler="asha"), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Best: pref_accuracy = 0.700 at k = 48, SFT step = 6, method = dpo, pairs = 64, selection = length " \
+           "(trial tC)" in md
+    assert "1 of 4 trials stopped early by ASHA." in md
+    table = _table(md, "| trial |", key_cells=3)  # a row per trial and SFT step
+    assert len(table) == 8
+    assert table["tB 48 3"]["stopped early"] == "yes" and table["tC 48 3"]["stopped early"] == "no"
+    assert table["tC 48 6"]["pref_accuracy of the SFT checkpoint alone"] == "0.350"
+    assert table["tR 48 6"]["selection"] == "random" and table["tR 48 6"]["seed"] == "0"
+    # The SFT-step plot: written, in the Markdown and inlined in the HTML, with its caption.
+    png = tmp_path / "sft_steps.png"
+    assert paths["sft_steps"] == str(png) and png.read_bytes()[:8] == PNG and png.stat().st_size > 20_000
+    assert "![pref_accuracy against the SFT step](sft_steps.png)" in md
+    assert "dashed the SFT checkpoint alone" in md and "Hollow markers: points of trials the scheduler (ASHA)" in md
+    assert "measured against model.base (`smollm2-135m-instruct`)" in md  # a held-out metric: the reference differs
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<img ") == 3 and "alt='pref_accuracy against the SFT step'" in page
+    # The hollow markers of the stopped trial are drawn: the plot differs without them.
+    other = report.plot_sft_steps([{**r, "stopped_early": False} for r in rows], "pref_accuracy",
+                                  tmp_path / "unstopped.png")
+    assert other.read_bytes() != png.read_bytes()
+
+
+def test_search_report_selection_against_random_per_k(tmp_path):
+    beta = {"beta": 0.1}
+    rows = [_row("s1", 16, 3, 0.5, **beta), _row("s1", 16, 6, 0.55, **beta),
+            _row("s2", 16, 3, 0.45, beta=0.3), _row("s2", 16, 6, 0.6, beta=0.3),
+            _row("s3", 48, 6, 0.7, **beta)]
+
+    def rnd(trial: str, k: int, step: int, value: float, seed: int) -> dict:
+        return _row(trial, k, step, value, selection="random", baseline=True, selection_seed=seed, **beta)
+
+    # Each seed's best at k = 16: 0.4, 0.3, 0.5 (mean 0.4, sample std 0.1); at k = 48 one seed so far: 0.55.
+    rows += [rnd("r0", 16, 3, 0.2, 0), rnd("r0", 16, 6, 0.4, 0), rnd("r1", 16, 3, 0.3, 1), rnd("r2", 16, 6, 0.5, 2),
+             rnd("r3", 48, 6, 0.55, 0)]
+    comparison = report.selection_vs_random(rows)
+    assert [c["k"] for c in comparison] == [16, 48]
+    assert comparison[0]["selection"] == 0.6 and comparison[0]["random_mean"] == pytest.approx(0.4)
+    assert comparison[0]["random_std"] == pytest.approx(0.1) and comparison[0]["seeds"] == 3
+    assert comparison[0]["difference"] == pytest.approx(0.2)
+    assert comparison[1]["random_std"] is None and comparison[1]["difference"] == pytest.approx(0.15)
+
+    paths = report.write_report(rows, _search_cfg(baseline_selection="random", baseline_seeds=[0, 1, 2]), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    table = _table(md, "## Selection vs random selection")
+    assert table["16"] == {"k": "16", "length (best)": "0.600", "best at": "SFT step = 6, method = dpo, pairs = 64, "
+                           "beta = 0.3", "rows": "4", "random (mean over seeds)": "0.400", "difference": "+0.200",
+                           "random spread": "std 0.100, n = 3 seeds"}
+    assert table["48"]["difference"] == "+0.150" and table["48"]["random spread"] == "one seed (of 3)"
+    assert "Search: grid search, scheduler fifo, a random-selection baseline" in md
+    assert "stopped early" not in md  # no trial was
+    png = tmp_path / "selection_vs_random.png"
+    assert paths["selection_vs_random"] == str(png) and png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+    assert "![length vs random selection](selection_vs_random.png)" in md
+    assert "alt='length vs random selection'" in (tmp_path / "report.html").read_text()
+    # The best line leaves the baseline out: 0.7 at k = 48 is the selection's.
+    assert "Best: pref_accuracy = 0.700 at k = 48" in md
+
+
+def test_search_report_leaves_out_sections_without_their_data(tmp_path):
+    # First written with several steps and a baseline, then rewritten from rows at one step without one: the
+    # sections and their plots go.
+    rows = [*_asha_rows(), _row("tR", 16, 3, 0.1, selection="random", baseline=True, selection_seed=0)]
+    report.write_report(rows, _search_cfg(), tmp_path)
+    assert (tmp_path / "sft_steps.png").is_file() and (tmp_path / "selection_vs_random.png").is_file()
+    one_step = [{k: v for k, v in _row(f"t{k}", k, 6, 0.5).items() if k not in ("trial_id", "stopped_early")}
+                for k in (16, 48)]
+    paths = report.write_report(one_step, _search_cfg(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "No SFT-step plot: every row is at SFT step 6." in md
+    assert not (tmp_path / "sft_steps.png").exists() and "sft_steps" not in paths
+    assert "Selection vs random" not in md and not (tmp_path / "selection_vs_random.png").exists()
+    assert "selection_vs_random" not in paths
+    assert "stopped early" not in md and "| trial |" not in md and "| seed |" not in md and "| beta |" not in md
+    assert (tmp_path / "report.html").read_text().count("<img ") == 1
+
+
+def test_search_report_renders_partial_and_failed_rows(tmp_path):
+    rows = [_row("t1", 16, 3, 0.5, sft_metric=None, sft_metric_reason="no SFT checkpoint at step 3"),
+            {**_row("t2", 16, 6, None), "error": "CUDA out of memory in pref", "exit_code": 1},
+            {**_row("t3", 48, 3, None), "heldout_reason": "no held-out pairs (pref.eval_rows is 0)"},
+            {"trial_id": "t4", "k": 48}]  # a trial that has reported nothing yet
+    paths = report.write_report(rows, _search_cfg(metric="pref_margin", scheduler="asha"), tmp_path, partial=True)
+    md = (tmp_path / "report.md").read_text()
+    assert "The search is still running: 4 rows of 4 trials so far" in md
+    assert "Best so far: pref_margin = 0.500 at k = 16, SFT step = 3" in md
+    assert "0 of 4 trials stopped early by ASHA." in md
+    assert "- k = 16, SFT step = 6, method = dpo, pairs = 64, selection = length failed: CUDA out of memory in " \
+           "pref" in md
+    assert "- k = 48, SFT step = 3, method = dpo, pairs = 64, selection = length: pref_margin n/a: no held-out pairs " \
+           "(pref.eval_rows is 0)" in md
+    assert "1 row has no pref_margin and no recorded reason." in md
+    assert "SFT checkpoint alone n/a in 1 row: no SFT checkpoint at step 3" in md
+    table = _table(md, "| trial |", key_cells=1)
+    assert table["t4"]["SFT step"] == "n/a" and table["t2"]["held-out margin"] == "n/a"
+    assert Path(paths["html"]).is_file() and Path(paths["sft_steps"]).stat().st_size > 10_000
+    # Nothing reported yet at all.
+    empty = report.write_report([], _search_cfg(), tmp_path / "empty", partial=True)
+    md = Path(empty["markdown"]).read_text()
+    assert "No trial has reported yet." in md and "No SFT-step plot: no row has an SFT step yet." in md
