@@ -619,9 +619,9 @@ def _suite_metrics(cfg: ExperimentConfig, model: str, label: str) -> dict[str, A
 
 def sft_alone(cfg: ExperimentConfig, pref: dict[str, Any]) -> dict[str, Any]:
     """The search metric of the SFT checkpoint ``pref`` (the preference stage's manifest) started from, without the
-    preference tuning: ``{sft_metric, sft_metric_reason}``. The held-out preference metrics score it against
-    model.base on the preference stage's held-out pairs; a judge metric judges its answers against the baseline; a
-    suite's metric runs the suite on it."""
+    preference tuning: ``{sft_metric, sft_metric_reason}``. The held-out preference metrics (cheap: a forward pass)
+    score it against model.base on the preference stage's held-out pairs; a suite's metric runs the suite on it; the
+    judge section's metrics are not measured on it (null, with the reason)."""
     start = pref["outputs"]["start"]
     metric = cfg.search.metric
     if start["from"] != "sft":
@@ -642,9 +642,9 @@ def sft_alone(cfg: ExperimentConfig, pref: dict[str, Any]) -> dict[str, Any]:
     if "/" in metric:
         m = _suite_metrics(cfg, ckpt, label)
         return {"sft_metric": m.get(metric), "sft_metric_reason": m.get(f"{metric}_reason")}
-    target = generate_stage(cfg, ckpt, label)
-    judged = judge_stage(cfg, target, generate_stage(cfg, baseline_model(cfg), "baseline"))["metrics"]
-    return {"sft_metric": judged.get(metric), "sft_metric_reason": judged.get(f"{metric}_reason")}
+    return {"sft_metric": None, "sft_metric_reason": f"{metric} is the judge section's, which judges preference-tuned "
+            "models only; a suite's metric (search.suites, search.metric: <suite>/<metric>) scores SFT checkpoints "
+            "alone too"}
 
 
 def run_point(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -331,7 +331,7 @@ def test_a_search_trials_error_is_the_projects_own(ray_local, tmp_path):
     def trial(cfg):
         raise DataError(f"{EXAMPLES / 'preferences.jsonl'}: row 7: chosen: missing")
 
-    results, _ = search.run_search(load_config(experiment(tmp_path)), trial)
+    results, _ = search.run_search(load_config(experiment(tmp_path)), trial, str(tmp_path / "tune"))
     assert [r["error"] for r in results] == [f"{EXAMPLES / 'preferences.jsonl'}: row 7: chosen: missing"]
     assert [r["exit_code"] for r in results] == [2]
 

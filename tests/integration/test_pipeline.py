@@ -23,6 +23,7 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     exp["pref"]["eval_rows"] = 4  # held-out pairs: the search's metric is their preference accuracy,
     exp["pref"]["eval_at_checkpoints"] = False  # scored after training only (no eval loss per checkpoint)
     exp["search"]["metric"] = "pref_accuracy"
+    exp["search"]["judge"] = True  # the judge at every point too, though the metric needs none
     # A suite of evaluate.suites on every point's trained model too, after its judge stage.
     exp["evaluate"] = {"suites": {"again": {"prompts": str(EXAMPLES / "eval_prompts.jsonl"), "max_prompts": 2}}}
     exp["search"]["suites"] = ["again"]
@@ -66,6 +67,8 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert all("error" not in r for r in out["results"])
     # Each trial scored its 4 held-out pairs in a Ray task (inside its Tune trial) and reports the accuracy.
     assert all(r["heldout_pairs"] == 4 and r["metric"] == r["pref_accuracy"] is not None for r in out["results"])
+    # The SFT checkpoint alone, scored on the same held-out pairs against the base model (a stage per step).
+    assert all(r["sft_metric"] is not None for r in out["results"]) and len(manifests(run, "sft_eval")) == 2
     assert len(manifests(run, "select")) == 1 and len(manifests(run, "sft")) == 1
     prefs = manifests(run, "pref")
     assert sorted(p["outputs"]["start"]["sft_step"] for p in prefs) == [2, 4]
@@ -76,7 +79,9 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert "aggregation rule **sum**" in report and "| 8 | 4 |" in report and "held-out pref. accuracy" in report
     assert Path(out["report"]["plot"]).stat().st_size > 1000 and Path(out["report"]["html"]).is_file()
     saved = json.loads((run / "search" / "results.json").read_text())
-    assert len(saved["trials"]) == 2 and saved["counts"] == {"trials": 2, "succeeded": 2, "failed": 0}
+    assert len(saved["rows"]) == 2 and saved["counts"] == {"trials": 2, "rows": 2, "succeeded": 2, "failed": 0,
+                                                            "stopped_early": 0, "baseline_trials": 0}
+    assert saved["best"]["metric"] == max(r["metric"] for r in out["results"])
     rep = json.loads((run / "report" / "manifest.json").read_text())
     assert rep["status"] == "complete" and rep["counts"] == {"trials": 2} and rep["inputs"]["search_results"]
     # `alignment report` rebuilds the report from the saved results alone

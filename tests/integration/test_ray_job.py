@@ -66,7 +66,7 @@ def test_ray_job_submit_runs_the_experiment(tmp_path, tiny_model):
         status = JobSubmissionClient(address).get_job_status("tiny-experiment")
         assert status == JobStatus.SUCCEEDED and submit.returncode == 0, (submit.stdout[-4000:], submit.stderr[-4000:])
         run = Path(exp["run_dir"])
-        results = json.loads((run / "search" / "results.json").read_text())["trials"]
+        results = json.loads((run / "search" / "results.json").read_text())["rows"]
         assert [(r["k"], r["sft_step"]) for r in results] == [(8, 4)] and "error" not in results[0]
         assert (run / "report" / "report.md").is_file() and (run / "report" / "winrate.png").is_file()
         assert len(list((run / "sft").glob("*/manifest.json"))) == 1
