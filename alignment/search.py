@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from .config import ConfigError, ExperimentConfig, config_dict
 from .errors import RUN_FAILED, AlignmentError, unwrap
 from .evaluate import SUMMARY_KEYS
@@ -161,18 +163,26 @@ def _finite(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _logged(trial_fn: Callable, cfg: ExperimentConfig) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return trial_fn(cfg)
+
+
 def _trial(config: dict[str, Any], cfg_json: dict[str, Any], space_json: dict[str, Any], trial_fn: Callable) -> None:
+    import ray
     from ray import tune
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ExperimentConfig.model_validate(cfg_json)
     space = Space(**{k: tuple(v) if isinstance(v, list) else v for k, v in space_json.items()})
     point = space.point(config)
+    # Tune places what a trial starts inside the trial's own small bundle; the point runs in a task placed as any
+    # other (DEFAULT, no CPU held), so that its training workers, actors and tasks get their own placement.
+    run = ray.remote(_logged).options(num_cpus=0, scheduling_strategy="DEFAULT", max_retries=0)
     best = float("nan")
     for step in (space.steps if space.walk else [point["sft_step"]]):
-        result = trial_fn(cfg.at({**point, "sft_step": step}))
+        result = ray.get(run.remote(trial_fn, cfg.at({**point, "sft_step": step})))
         metric = _finite(result.get("metric"))
-        best = metric if math.isnan(best) else max(best, metric) if not math.isnan(metric) else best
+        best = float(np.nanmax([best, metric])) if not (math.isnan(best) and math.isnan(metric)) else best
         # sft_step is ASHA's time attribute; best_metric (the best over the steps so far) is Optuna's objective.
         tune.report({**result, **point, "sft_step": step, "metric": metric, "best_metric": best})
 

@@ -31,7 +31,10 @@ METHOD_VALUE = {"dpo": 1.0, "ipo": 0.2, "cpo": 0.6}
 
 def stand_in(cfg) -> dict:
     """What run_point returns, as a function of the point: larger k and later steps score higher; a random
-    selection scores half."""
+    selection scores half. It starts a task of one CPU, more than a trial holds: not trapped in its bundle."""
+    import ray
+
+    assert ray.get(ray.remote(lambda: 1).options(num_cpus=1).remote(), timeout=120) == 1
     step = cfg.pref.sft_step
     value = METHOD_VALUE[cfg.pref.method] + cfg.select.k / 100 + step / 10
     if cfg.select.scorers == ["random"]:
@@ -48,7 +51,8 @@ def _config(tmp_path: Path, *overrides: str):
 
 
 def test_optuna_with_asha_stops_trials_early_two_at_a_time_beside_a_random_baseline(ray_local, tmp_path):
-    cfg = _config(tmp_path, "search.k=[8,16,32]", "search.method=[dpo,ipo,cpo]", "search.algorithm=optuna",
+    cfg = _config(tmp_path, "search.k=[8,32]", "search.sft_step=[2,4]", "search.method=[dpo,ipo,cpo]",
+                  "search.algorithm=optuna",
                   "search.num_samples=6", "search.scheduler=asha", "search.baseline_selection=random",
                   "search.baseline_seeds=[1,2]", "resources.max_concurrent_trials=2",
                   f"search.mlflow_tracking_uri=file:{tmp_path / 'mlruns'}")
@@ -63,21 +67,21 @@ def test_optuna_with_asha_stops_trials_early_two_at_a_time_beside_a_random_basel
         expected = stand_in(cfg.at(r))
         assert r["metric"] == pytest.approx(expected["metric"]) and r["sft_metric"] == expected["sft_metric"]
     by_trial = {t: sorted(r["sft_step"] for r in own if r["trial_id"] == t) for t in trials}
-    stopped = {t for t, steps in by_trial.items() if steps != [2, 4, 6]}
+    stopped = {t for t, steps in by_trial.items() if steps != [2, 4]}
     assert stopped, "ASHA stopped no trial"
-    assert all(by_trial[t] in ([2], [2, 4]) for t in stopped)
+    assert all(by_trial[t] == [2] for t in stopped)
     assert {t for t in trials if any(r["stopped_early"] for r in own if r["trial_id"] == t)} == stopped
     # The baseline: every k x seed, every step, random selection at the configured method.
     base = [r for r in rows if r["baseline"]]
-    assert sorted({(r["k"], r["selection_seed"]) for r in base}) == [(k, s) for k in (8, 16, 32) for s in (1, 2)]
-    assert len(base) == 3 * 2 * 3 and {r["selection"] for r in base} == {"random"}
+    assert sorted({(r["k"], r["selection_seed"]) for r in base}) == [(k, s) for k in (8, 32) for s in (1, 2)]
+    assert len(base) == 2 * 2 * 2 and {r["selection"] for r in base} == {"random"}
     assert {r["method"] for r in base} == {"dpo"} and {r["selection"] for r in own} == {"length"}
     assert refreshed and refreshed[-1] == len(rows) and timings["baseline_seconds"] > 0
     # The results as JSON, Parquet and CSV, and the best over every step of every trial.
     path = pipeline.write_search_results(cfg, rows, timings)
     saved = json.loads(path.read_text())
     assert saved["best"]["metric"] == max(r["metric"] for r in own)
-    assert saved["counts"]["stopped_early"] == len(stopped) and saved["counts"]["baseline_trials"] == 6
+    assert saved["counts"]["stopped_early"] == len(stopped) and saved["counts"]["baseline_trials"] == 4
     table = pd.read_parquet(path.with_suffix(".parquet"))
     assert len(table) == len(rows) and np.allclose(sorted(table["metric"]), sorted(r["metric"] for r in rows))
     assert len(pd.read_csv(path.with_suffix(".csv"))) == len(rows)
