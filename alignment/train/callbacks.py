@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -156,20 +157,82 @@ def run_facts(trainer) -> dict[str, Any]:
             "lora": bool(getattr(trainer.model, "peft_config", None))}
 
 
-def save_and_report_callback(stage: str, save_steps: list[int], has_eval: bool, trainer):
-    """Save (and evaluate) at exactly ``save_steps``; report each checkpoint to Ray Train (kept, never rotated)."""
+def add_time(timings: dict[str, float] | None, key: str, seconds: float) -> None:
+    """Adds ``seconds`` to ``timings[key]`` (rounded to ms), where there is a ``timings`` dict."""
+    if timings is not None:
+        timings[key] = round(timings.get(key, 0.0) + seconds, 3)
+
+
+def _move_tree(src: Path, dest: Path) -> None:
+    """The files of ``src`` moved into ``dest`` (created), merged with what is there (a file of the same name
+    replaced, as a copy would); ``src`` removed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        target = dest / entry.name
+        if entry.is_dir() and target.is_dir():
+            _move_tree(entry, target)
+        else:
+            os.replace(entry, target)
+    shutil.rmtree(src, ignore_errors=True)
+
+
+def move_to_storage(checkpoint, checkpoint_dir_name: str):
+    """Ray Train's checkpoint upload (``ray.train.report``'s ``checkpoint_upload_fn``), moving the checkpoint's
+    files into storage where storage is a local directory on the same file system (a rename: no second copy of
+    the weights written, and no copy left behind in the worker's temporary directory); elsewhere (cloud storage,
+    another file system) Ray Train's own copy. Each rank moves its own files into the one checkpoint directory,
+    as Ray Train's copy merges them."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    experiment = Path(storage.experiment_fs_path)
+    src = Path(checkpoint.path)
+    if (isinstance(storage.storage_filesystem, pafs.LocalFileSystem) and experiment.is_dir()
+            and src.stat().st_dev == experiment.stat().st_dev):
+        dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        _move_tree(src, Path(dest))
+        return ray.train.Checkpoint(dest, filesystem=storage.storage_filesystem)
+    return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+
+
+def save_and_report_callback(stage: str, save_steps: list[int], has_eval: bool, trainer,
+                             timings: dict[str, float] | None = None, saved: dict[str, str] | None = None):
+    """Save (and evaluate) at exactly ``save_steps``; report each checkpoint to Ray Train (kept, never rotated),
+    moved into local storage rather than copied (:func:`move_to_storage`).
+
+    ``timings`` (optional) gets the seconds spent evaluating (``eval_s``), writing checkpoints (``save_s``: the
+    Trainer's save, from the step's log or evaluation to ``on_save``) and reporting them (``report_s``: the weights'
+    check, the metrics file and Ray Train's upload of the checkpoint to storage). ``saved`` (optional) gets
+    ``path``: where the files of this worker's latest checkpoint are now, on this node (in local storage, or the
+    Trainer's own directory where they were copied to storage)."""
     from transformers import TrainerCallback
 
     class SaveAtSteps(TrainerCallback):
+        mark = 0.0  # when the latest event of a step that saves ended (its step, log or evaluation)
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in save_steps:
                 control.should_save = True
                 control.should_evaluate = has_eval
+                self.mark = time.perf_counter()
             return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step in save_steps and "loss" in (logs or {}):  # the step's log, not the evaluation's
+                self.mark = time.perf_counter()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if state.global_step in save_steps:
+                now = time.perf_counter()
+                add_time(timings, "eval_s", now - self.mark)
+                self.mark = now
 
         def on_save(self, args, state, control, **kwargs):
             import ray.train
 
+            started = time.perf_counter()
+            add_time(timings, "save_s", started - self.mark)
             step = state.global_step
             check_saved_weights(stage, step, trainer.model, state.log_history)
             metrics = {**_last_logged(state.log_history, step), "step": step, "epoch": state.epoch or 0.0,
@@ -184,6 +247,16 @@ def save_and_report_callback(stage: str, save_steps: list[int], has_eval: bool, 
             # rng_state_<rank>.pth), and Ray Train merges them into one directory, so that a restarted
             # worker group restores every rank's random state, not rank 0's alone.
             ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-            ray.train.report(metrics, checkpoint=ckpt)
+            where: list[str] = []
+
+            def upload(checkpoint, name: str):
+                persisted = move_to_storage(checkpoint, name)
+                where.append(persisted.path if not ckpt_dir.is_dir() else str(ckpt_dir))
+                return persisted
+
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=upload if ckpt else None)
+            if saved is not None and where:
+                saved["path"] = where[0]
+            add_time(timings, "report_s", time.perf_counter() - started)
 
     return SaveAtSteps()

@@ -7,9 +7,10 @@ of methods.METHODS (DPO and IPO: ``DPOTrainer``; KTO: ``KTOTrainer``; CPO and Si
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
-from .callbacks import TokenCounter, finite_guard, throughput_callback
+from .callbacks import TokenCounter, add_time, finite_guard, throughput_callback
 from .data import method_dataset, method_spec
 from .errors import TrainError
 
@@ -111,20 +112,31 @@ def trainer_args(method: str, settings: dict[str, Any], output_dir: str):
 
 
 def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict[str, Any], output_dir: str,
-                  chat_template: str | None = None, eval_rows: list[dict] | None = None):
+                  chat_template: str | None = None, eval_rows: list[dict] | None = None,
+                  timings: dict[str, float] | None = None):
     """The TRL trainer for ``method`` ('sft' or a preference method) on normalised rows.
 
     sft rows: ``{messages}``, loss on assistant tokens only when ``settings['assistant_only_loss']``;
     preference rows: ``{prompt: messages, chosen: str, rejected: str}`` (or unpaired ``completion``/``label``
     for kto). Methods with a reference model (``reference_model`` in methods.METHODS: dpo, ipo, kto) use the
     starting weights as the reference (with LoRA: the weights with the adapters off); cpo, simpo and orpo have none.
+
+    ``timings`` (optional) gets the seconds of each part of the set-up: ``import_s`` (TRL, transformers' model
+    class of the checkpoint: what a fresh process imports first), ``load_s`` (tokenizer and starting weights),
+    ``tokenize_s`` (the trainer's tokenization of the rows, where TRL does it in ``_prepare_dataset``: SFT, DPO,
+    KTO) and ``trainer_init_s`` (the rest of the trainer's set-up: the reference model's load among it).
     """
+    started = time.perf_counter()
     from datasets import Dataset
 
     from .. import models
 
     spec = method_spec(method)
     _, trainer_cls = spec.trl()
+    if timings is not None:
+        _import_model_class(model_path)
+        mark = time.perf_counter()
+        add_time(timings, "import_s", mark - started)
     tok = chat_tokenizer(model_path, chat_template)
     if method == "sft" and settings["assistant_only_loss"]:
         training_template = models.training_chat_template(tok)
@@ -139,15 +151,52 @@ def build_trainer(method: str, rows: list[dict], model_path: str, settings: dict
     peft_config = _peft_config(settings.get("lora"))
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
+    model = _load_model(model_path, settings["use_gpu"], lora=peft_config is not None)
+    if timings is not None:
+        trainer_cls = _timed_tokenization(trainer_cls, timings)
+        add_time(timings, "load_s", time.perf_counter() - mark)
+        mark = time.perf_counter()
+        tokenized = timings.get("tokenize_s", 0.0)
     trainer = trainer_cls(
-        model=_load_model(model_path, settings["use_gpu"], lora=peft_config is not None), args=args,
+        model=model, args=args,
         train_dataset=Dataset.from_list(method_dataset(rows, method)),
         eval_dataset=Dataset.from_list(method_dataset(eval_rows, method)) if eval_rows else None,
         processing_class=tok, **kwargs,
     )
+    if timings is not None:
+        add_time(timings, "trainer_init_s", time.perf_counter() - mark - (timings.get("tokenize_s", 0.0) - tokenized))
     trainer.add_callback(throughput_callback(TokenCounter(trainer.model)))
     trainer.add_callback(finite_guard(method))  # after the TensorBoard and throughput callbacks: they log first
     return trainer
+
+
+def _import_model_class(model_path: str) -> None:
+    """Imports transformers' model class of the checkpoint at ``model_path`` (its modeling module, and what that
+    imports: a few seconds in a fresh process), as its first load would; nothing where it cannot tell the class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model_path))]
+    except Exception:  # noqa: BLE001 - a remote-code or unknown architecture: its load imports it
+        pass
+
+
+def _timed_tokenization(trainer_cls, timings: dict[str, float]):
+    """``trainer_cls`` adding the seconds of its ``_prepare_dataset`` (its rows' tokenization) to
+    ``timings['tokenize_s']``; the class itself where it has no such method."""
+    if not hasattr(trainer_cls, "_prepare_dataset"):
+        return trainer_cls
+
+    class TimedTokenization(trainer_cls):
+        def _prepare_dataset(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return super()._prepare_dataset(*args, **kwargs)
+            finally:
+                add_time(timings, "tokenize_s", time.perf_counter() - started)
+
+    TimedTokenization.__name__ = TimedTokenization.__qualname__ = trainer_cls.__name__
+    return TimedTokenization
 
 
 def _precompute_on_every_rank(trainer_cls):

@@ -419,3 +419,61 @@ def test_a_killed_worker_resumes_from_its_latest_checkpoint(ray_local, tiny_mode
     assert logged == list(range(1, 61)), "a step was repeated or lost"
     # the resumed run continued the killed run's TensorBoard history
     assert list(Path(run["tensorboard"]).rglob("events.out.tfevents.*"))
+
+
+def test_a_checkpoint_moved_into_storage_merges_each_ranks_files_and_leaves_nothing_behind(tmp_path):
+    from alignment.train.callbacks import _move_tree
+
+    def tree(root: Path, files: dict[str, str]) -> Path:
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        return root
+
+    rank0 = tree(tmp_path / "rank0" / "checkpoint-2", {"model.safetensors": "w", "rng_state_0.pth": "r0",
+                                                       "tensorboard/events.1": "e"})
+    rank1 = tree(tmp_path / "rank1" / "checkpoint-2", {"rng_state_1.pth": "r1", "tensorboard/events.2": "e2"})
+    dest = tmp_path / "storage" / "checkpoint_0"
+    _move_tree(rank0, dest)
+    _move_tree(rank1, dest)
+    got = {p.relative_to(dest).as_posix(): p.read_text() for p in dest.rglob("*") if p.is_file()}
+    assert got == {"model.safetensors": "w", "rng_state_0.pth": "r0", "rng_state_1.pth": "r1",
+                   "tensorboard/events.1": "e", "tensorboard/events.2": "e2"}
+    assert not rank0.exists() and not rank1.exists()
+
+
+def _actor_classes() -> list[str]:
+    import ray._private.state
+
+    return [a["ActorClassName"] for a in ray._private.state.actors().values()]
+
+
+@pytest.mark.integration
+def test_fit_scores_the_heldout_pairs_in_its_worker_as_a_task_after_it_would(ray_local, tiny_model, pref_pairs,
+                                                                           tmp_path):
+    """``heldout_rows``: rank 0 scores them once training is done, with the same call on the same files as a task
+    after ``fit`` (the pref stage's), so the same numbers. The checkpoints are whole in local storage (moved there),
+    the run's phases are in its facts, and the run started no actor that serves nothing on the embedded Ray: no
+    DatasetManager (no Ray Data datasets), preemption watcher (one node) or placement-group cleaner (no dashboard)."""
+    from collections import Counter
+
+    from alignment.evaluate import heldout
+
+    settings = {**{k: v for k, v in SETTINGS.items() if k != "use_gpu"}, "max_steps": 2,
+                "params": METHODS["dpo"].params}
+    held = pref_pairs[:4]
+    before = _actor_classes()
+    run = train.fit("dpo", pref_pairs[4:], str(tiny_model), settings, [1, 2], str(tmp_path / "ray"), RES,
+                    heldout_rows=held)
+    started = list((Counter(_actor_classes()) - Counter(before)).elements())
+    assert any("RayTrainWorker" in c for c in started), started  # the check sees the run's actors
+    assert not [c for c in started if any(n in c for n in ("DatasetManager", "PreemptionWatcher",
+                                                            "PlacementGroupCleaner"))], started
+    want = heldout.heldout(run["checkpoints"][-1]["path"], str(tiny_model), held, settings["max_length"], None,
+                           False, RES.cpus_per_worker)
+    assert run["heldout"] == want and want["heldout_pairs"] == 4 and want["pref_margin"] != 0
+    for c in run["checkpoints"]:
+        files = {p.name for p in Path(c["path"]).iterdir()}
+        assert {"model.safetensors", "trainer_state.json", "alignment_metrics.json"} <= files, files
+    timings = run["facts"]["timings"]
+    assert set(train.run.PHASES) - {"eval_s"} <= set(timings) and timings["fit_s"] > 0, timings
