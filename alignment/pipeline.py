@@ -143,9 +143,11 @@ _TRAIN_KEYS = ("id", "messages", "prompt", "chosen", "rejected", "completion", "
 
 
 def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: list[dict], start: str,
-         settings: dict[str, Any], save_steps: list[int], res: ResourcesConfig) -> dict[str, Any]:
-    """``train.fit`` once there are rows for a step on every worker. A run stopped by a non-finite value leaves its
-    log (``metrics.jsonl``, TensorBoard events in ``tensorboard/``, the NaN included) before the stage fails."""
+         settings: dict[str, Any], save_steps: list[int], res: ResourcesConfig,
+         heldout_rows: list[dict] | None = None) -> dict[str, Any]:
+    """``train.fit`` once there are rows for a step on every worker (``heldout_rows``: preference pairs scored in
+    the training worker after training, ``run["heldout"]``). A run stopped by a non-finite value leaves its log
+    (``metrics.jsonl``, TensorBoard events in ``tensorboard/``, the NaN included) before the stage fails."""
     try:
         train.check_batch(len(train.method_dataset(rows, method)), settings, res.num_workers, method)
     except train.TrainError as e:
@@ -156,7 +158,8 @@ def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: li
 
     try:
         return train.fit(method, slim(rows), start, settings, save_steps, _storage(cfg, d), res,
-                         cfg.model.chat_template, eval_rows=slim(held))
+                         cfg.model.chat_template, eval_rows=slim(held),
+                         heldout_rows=slim(heldout_rows) if heldout_rows else None)
     except train.NonFiniteError as e:
         _write_jsonl(d / "metrics.jsonl", e.history)
         train.write_tensorboard(e.history, d / "tensorboard")
@@ -249,10 +252,13 @@ def pref_stage(cfg: ExperimentConfig) -> dict[str, Any]:
         except train.TrainError as e:
             raise PipelineError(f"{e} ({cfg.data.preferences}: {len(pairs)} usable rows, {len(aside)} set aside: "
                                 f"{_reasons(aside)})") from None
-        run = _fit(cfg, d, method, used, held if p.eval_at_checkpoints else [], start, settings, save_steps, res)
+        # The held-out pairs are scored in the training worker once it has trained (no process of their own);
+        # a run resumed from a checkpoint an earlier worker group saved is scored in a task, as before.
+        run = _fit(cfg, d, method, used, held if p.eval_at_checkpoints else [], start, settings, save_steps, res,
+                   heldout_rows=held if any("chosen" in r for r in held) else None)
         held = [{k: r[k] for k in _TRAIN_KEYS if k in r} for r in held]
         _write_jsonl(d / "heldout.jsonl", held)  # the SFT checkpoint alone is scored on them too (sft_alone)
-        scores = _heldout(cfg, run["checkpoints"][-1]["path"], start, held)
+        scores = run.get("heldout") or _heldout(cfg, run["checkpoints"][-1]["path"], start, held)
         return {
             "outputs": {"model": run["checkpoints"][-1]["path"], "start": start_info,
                         "heldout": str(d / "heldout.jsonl"), "set_aside": str(d / "set_aside.jsonl"),
