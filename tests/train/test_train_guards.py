@@ -176,7 +176,7 @@ def test_a_search_records_a_failed_trial_with_its_reason_and_goes_on(ray_local, 
             raise pipeline.PipelineError("simpo: non-finite loss=nan at step 1 of 2; training stopped there")
         return {"metric": 0.5, "win_rate": 0.5}
 
-    results, _ = search.run_search(cfg, trial)
+    results, _ = search.run_search(cfg, trial, str(tmp_path / "tune"))
     by_step = {r["sft_step"]: r for r in results}
     assert "non-finite loss=nan at step 1" in by_step[2]["error"] and by_step[2]["metric"] is None
     assert by_step[4].get("error") is None and by_step[4]["metric"] == 0.5
