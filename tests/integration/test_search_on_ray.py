@@ -100,7 +100,7 @@ import json, os, sys, time
 sys.path[:0] = [{tests!r}, {tests!r} + "/.."]
 from alignment import search
 from alignment.config import load_config
-import test_search
+import test_search_on_ray as test_search
 from ray import cloudpickle
 cloudpickle.register_pickle_by_value(test_search)
 stand_in = test_search.stand_in
