@@ -159,7 +159,7 @@ def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: li
     try:
         return train.fit(method, slim(rows), start, settings, save_steps, _storage(cfg, d), res,
                          cfg.model.chat_template, eval_rows=slim(held),
-                         heldout_rows=slim(heldout_rows) if heldout_rows else None)
+                         heldout_rows=slim(heldout_rows) if heldout_rows else None, heldout_fn=heldout.heldout)
     except train.NonFiniteError as e:
         _write_jsonl(d / "metrics.jsonl", e.history)
         train.write_tensorboard(e.history, d / "tensorboard")

@@ -105,8 +105,6 @@ def _score_heldout(job: dict[str, Any], start: str, checkpoint: str | None,
     import ray
     import torch
 
-    from ..evaluate import heldout
-
     if checkpoint is None or not Path(checkpoint).is_dir():
         return None
     gc.collect()
@@ -114,8 +112,8 @@ def _score_heldout(job: dict[str, Any], start: str, checkpoint: str | None,
     if s["use_gpu"] and torch.cuda.is_available():
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    scores = heldout.heldout(checkpoint, start, ray.get(job["heldout_rows"]), s["max_length"], job.get("chat_template"),
-                             s["use_gpu"], job["cpus"])
+    scores = job["heldout_fn"](checkpoint, start, ray.get(job["heldout_rows"]), s["max_length"],
+                               job.get("chat_template"), s["use_gpu"], job["cpus"])
     add_time(timings, "heldout_s", time.perf_counter() - started)
     return scores
 
@@ -130,7 +128,7 @@ def _process_started() -> float:
 def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], save_steps: list[int],
         storage_path: str, resources: ResourcesConfig, chat_template: str | None = None,
         eval_rows: list[dict] | None = None, max_failures: int = 0,
-        heldout_rows: list[dict] | None = None) -> dict[str, Any]:
+        heldout_rows: list[dict] | None = None, heldout_fn: Any = None) -> dict[str, Any]:
     """Run ``method`` ('sft' or a preference method) on Ray Train.
 
     Returns ``{checkpoints: [{step, path, metrics}], history: [every log entry], facts: {strategy, ...,
@@ -155,7 +153,8 @@ def fit(method: str, rows: list[dict], model: str, settings: dict[str, Any], sav
         "method": method, "rows": ray.put(rows), "eval_rows": ray.put(eval_rows) if eval_rows else None, "model": model,
         "settings": {**settings, "use_gpu": resources.use_gpu, "strategy": strategy},
         "save_steps": save_steps, "chat_template": chat_template, "torch_threads": max(1, math.ceil(cpus)),
-        "cpus": cpus, "heldout_rows": ray.put(heldout_rows) if heldout_rows else None,
+        "cpus": cpus, "heldout_rows": ray.put(heldout_rows) if heldout_rows and heldout_fn else None,
+        "heldout_fn": heldout_fn,  # the caller's scorer (alignment.evaluate.heldout.heldout): stages import no stage
     }
     trainer = _trainer_class()(
         train_loop,

@@ -464,7 +464,7 @@ def test_fit_scores_the_heldout_pairs_in_its_worker_as_a_task_after_it_would(ray
     held = pref_pairs[:4]
     before = _actor_classes()
     run = train.fit("dpo", pref_pairs[4:], str(tiny_model), settings, [1, 2], str(tmp_path / "ray"), RES,
-                    heldout_rows=held)
+                    heldout_rows=held, heldout_fn=heldout.heldout)
     started = list((Counter(_actor_classes()) - Counter(before)).elements())
     assert any("RayTrainWorker" in c for c in started), started  # the check sees the run's actors
     assert not [c for c in started if any(n in c for n in ("DatasetManager", "PreemptionWatcher",
