@@ -545,8 +545,6 @@ class JudgeConfig(EndpointConfig):
         return GenerateConfig(**settings, max_new_tokens=self.max_new_tokens)
 
 
-# Each one a metric the judges or the held-out evaluation declare (alignment.evaluate.JUDGES,
-# evaluate.heldout.METRICS; tests/evaluate/test_judges.py checks).
 # A URI option whose name holds one of these carries a credential (pyarrow's access_key, secret_key, session_token).
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 CREDENTIALS = "credentials_in_uri"  # the error type: its message never repeats the value
@@ -565,6 +563,16 @@ def uri_credentials(value: str | None) -> list[str]:
             + [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_WORDS)])
 
 
+def no_uri_credentials(value: str | None) -> str | None:
+    """A validator: ``value`` unchanged, or an error naming (never repeating) the credentials in it."""
+    found = uri_credentials(value)
+    if found:
+        raise PydanticCustomError(CREDENTIALS, CREDENTIALS_MESSAGE, {"which": ", ".join(found)})
+    return value
+
+
+# Each one a metric the judges or the held-out evaluation declare (alignment.evaluate.JUDGES,
+# evaluate.heldout.METRICS; tests/evaluate/test_judges.py checks).
 SearchMetric = Literal["win_rate", "score", "win_rate_adjusted", "pref_accuracy", "pref_margin", "mt_bench",
                        "alpaca_win_rate", "discrete_win_rate", "lc_win_rate", "lc_win_rate_estimate"]
 
@@ -650,13 +658,8 @@ class SearchConfig(_Strict):
             raise ValueError("must be a non-empty list of positive numbers")
         return v
 
-    @field_validator("mlflow_tracking_uri")
-    @classmethod
-    def _no_uri_credentials(cls, v: str | None) -> str | None:
-        found = uri_credentials(v)  # the URI lands in manifests: a token goes in MLFLOW_TRACKING_TOKEN instead
-        if found:
-            raise PydanticCustomError(CREDENTIALS, CREDENTIALS_MESSAGE, {"which": ", ".join(found)})
-        return v
+    # The URI lands in manifests: a token goes in MLFLOW_TRACKING_TOKEN instead.
+    _no_uri_credentials = field_validator("mlflow_tracking_uri")(no_uri_credentials)
 
     @model_validator(mode="after")
     def _algorithm(self) -> SearchConfig:
@@ -702,14 +705,8 @@ class ResourcesConfig(_Strict):
         "those it has when the search starts.",
     )
 
-    @field_validator("storage_path")
-    @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        # The URI is written into every manifest and checkpoint path: a key in it would be too.
-        found = uri_credentials(v)
-        if found:
-            raise PydanticCustomError(CREDENTIALS, CREDENTIALS_MESSAGE, {"which": ", ".join(found)})
-        return v
+    # The URI is written into every manifest and checkpoint path: a key in it would be too.
+    _no_credentials = field_validator("storage_path")(no_uri_credentials)
 
 
 # Written out for validation here (config.py, a foundation, cannot import alignment.evaluate);
