@@ -954,16 +954,14 @@ def write_search_results(cfg: ExperimentConfig, results: list[dict], timings: di
 
     d = _run_dir(cfg) / "search"
     d.mkdir(parents=True, exist_ok=True)
-    trials: dict[str, list[dict]] = {}
-    for r in results:
-        trials.setdefault(f"{r.get('baseline', False)}/{r.get('trial_id')}", []).append(r)
-    failed = sum(any(r.get("error") for r in rs) for rs in trials.values())
-    stopped = sum(any(r.get("stopped_early") for r in rs) for rs in trials.values())
+    trials = report.trials(results)
+    failed = sum(any(r.get("error") for r in rows) for rows in trials)
+    stopped, _ = report.trial_counts(results)
     write_json(d / "results.json", {
         "config": config_dict(cfg), "rows": results, "best": report.best_row(results), "timings": timings,
         "counts": {"trials": len(trials), "rows": len(results), "succeeded": len(trials) - failed,
                    "failed": failed, "stopped_early": stopped,
-                   "baseline_trials": sum(k.startswith("True/") for k in trials)}})
+                   "baseline_trials": sum(bool(rows[0].get("baseline")) for rows in trials)}})
     frame = pd.DataFrame(results)
     for col in frame.columns:  # a column of mixed kinds (an SFT step 'last' beside numbers) is written as text
         kinds = {type(v) for v in frame[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
@@ -982,6 +980,6 @@ def _write_report(cfg: ExperimentConfig, results: list[dict]) -> dict[str, str]:
     write_json(out / "manifest.json", {
         "stage": "report", "status": "complete", "config": config_dict(cfg),
         "inputs": {"search_results": fingerprint(results_path) if results_path.is_file() else None},
-        "outputs": paths, "counts": {"trials": len(results)},
+        "outputs": paths, "counts": {"trials": report.trial_counts(results)[1], "rows": len(results)},
         "timings": {"started": started, "seconds": round(time.time() - started, 3)}})
     return paths

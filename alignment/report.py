@@ -159,14 +159,21 @@ def best_row(results: list[dict]) -> dict | None:
     return max(ok, key=lambda r: _num(r["metric"])) if ok else None
 
 
-def trial_counts(results: list[dict]) -> tuple[int, int]:
-    """(trials stopped early by the scheduler, trials): rows grouped by ``trial_id`` (a row without one is a trial
-    of its own); a trial is stopped early where any of its rows says ``stopped_early``."""
-    stopped: dict[str, bool] = {}
+def trials(results: list[dict]) -> list[list[dict]]:
+    """The rows grouped by trial: by ``trial_id`` within the search or its random baseline (a row without one is a
+    trial of its own), in the order each trial first appears."""
+    groups: dict[str, list[dict]] = {}
     for i, r in enumerate(results):
-        tid = f"id:{r['trial_id']}" if r.get("trial_id") is not None else f"row:{i}"
-        stopped[tid] = stopped.get(tid, False) or bool(r.get("stopped_early"))
-    return sum(stopped.values()), len(stopped)
+        tid = f"{bool(r.get('baseline'))}/{r['trial_id']}" if r.get("trial_id") is not None else f"row:{i}"
+        groups.setdefault(tid, []).append(r)
+    return list(groups.values())
+
+
+def trial_counts(results: list[dict]) -> tuple[int, int]:
+    """(trials stopped early by the scheduler, trials); a trial is stopped early where any of its rows says
+    ``stopped_early``."""
+    groups = trials(results)
+    return sum(any(r.get("stopped_early") for r in rows) for rows in groups), len(groups)
 
 
 def selection_vs_random(results: list[dict]) -> list[dict]:

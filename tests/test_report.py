@@ -210,6 +210,8 @@ def test_search_report_sft_step_plot_best_line_and_asha_count(tmp_path):
     rows.append(_row("tR", 48, 6, 0.9, selection="random", baseline=True, selection_seed=0))
     assert report.best_row(rows) is rows[5]
     assert report.trial_counts(rows) == (1, 4)
+    # A baseline trial that happens to share a trial id with the search's is a trial of its own.
+    assert report.trial_counts([*rows, _row("tA", 16, 3, 0.1, baseline=True)]) == (1, 5)
     paths = report.write_report(rows, _search_cfg(scheduler="asha"), tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "Best: pref_accuracy = 0.700 at k = 48, SFT step = 6, method = dpo, pairs = 64, selection = length " \

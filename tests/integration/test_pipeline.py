@@ -83,7 +83,7 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
                                                             "stopped_early": 0, "baseline_trials": 0}
     assert saved["best"]["metric"] == max(r["metric"] for r in out["results"])
     rep = json.loads((run / "report" / "manifest.json").read_text())
-    assert rep["status"] == "complete" and rep["counts"] == {"trials": 2} and rep["inputs"]["search_results"]
+    assert rep["status"] == "complete" and rep["counts"] == {"trials": 2, "rows": 2} and rep["inputs"]["search_results"]
     # `alignment report` rebuilds the report from the saved results alone
     (run / "report" / "report.md").unlink()
     assert Path(pipeline.report_only(cfg)["markdown"]).read_text() == report
