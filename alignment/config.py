@@ -963,7 +963,9 @@ class ExperimentConfig(_Strict):
     def at(self, point: dict[str, Any]) -> ExperimentConfig:
         """This config at a search point: a validated copy with ``select.k``, ``pref.sft_step``, ``pref.method``,
         ``pref.num_pairs`` and (where the point has them) ``pref.beta`` set; a point with ``selection: random``
-        selects k rows at random (seed ``selection_seed``) after the same filters."""
+        selects k rows at random (``select.seed`` = its ``selection_seed``) after the same filters (near-dedup's
+        MinHash takes that seed too: near its threshold the baseline's pool can differ from the selection's by a few
+        rows)."""
         raw = self.model_dump(by_alias=True)
         raw["select"]["k"] = point["k"]
         raw["pref"].update(sft_step=point["sft_step"], method=point["method"], num_pairs=point["num_pairs"])
