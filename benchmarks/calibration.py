@@ -32,3 +32,7 @@ def calibration_line(threads: int = 2) -> str:
     """The matmul figure, and the 1-minute load average before it (other work on the machine slows every figure)."""
     load = os.getloadavg()[0]
     return f"calibration: {matmul_gflops(threads):.0f} GFLOP/s ({threads}-thread fp32 matmul); load average {load:.2f}"
+
+
+if __name__ == "__main__":
+    print(calibration_line())

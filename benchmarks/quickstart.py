@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import psutil
+from calibration import calibration_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S, TARGET_GIB = 15 * 60, 8.0
@@ -47,6 +48,7 @@ def main() -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [str(Path(sys.executable).parent / "alignment"), "run", "--config", "configs/quickstart.yaml",
            f"run_dir={run_dir}", *args.overrides]
+    print(calibration_line(), "(before)", flush=True)
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
@@ -73,6 +75,7 @@ def main() -> int:
     print(f"quickstart: exit {proc.returncode}, wall {wall:.0f} s (target < {TARGET_S} s, "
           f"ratio {wall / TARGET_S:.2f}), peak memory {gib:.2f} GiB PSS (target < {TARGET_GIB} GiB, "
           f"ratio {gib / TARGET_GIB:.2f}); summed RSS, an upper bound: {rss_gib:.2f} GiB")
+    print(calibration_line(), "(after)")
     if proc.returncode:
         print(err[-3000:], file=sys.stderr)
     return proc.returncode
