@@ -293,20 +293,42 @@ def _earlier(paths: list[str], space: Space) -> tuple[list[dict], list[float]]:
     return points, rewards
 
 
-def _progress(space: Space, cfg: ExperimentConfig, extra: dict[str, Any], on_rows: Callable) -> Any:
-    """A Tune callback: every reported row, handed to ``on_rows`` (the report) whenever a trial ends."""
+# Who is told the rows of a running experiment, by the experiment's name, in this process (run_search sets it).
+# Tune pickles an experiment's callbacks into its state and a restored experiment runs the pickled ones: they look
+# their listener up here, so a restored search refreshes the restoring driver's report, not the first driver's.
+_LISTENERS: dict[str, Callable[[list[dict]], None]] = {}
+
+
+def _progress(name: str, space: Space, cfg: ExperimentConfig, extra: dict[str, Any]) -> Any:
+    """A Tune callback: every row reported so far (those of trials a restored experiment had finished read from
+    its storage), handed to experiment ``name``'s listener whenever a trial ends."""
     from ray.tune import Callback
 
     class Progress(Callback):
-        rows: dict[tuple[str, int], dict] = {}
+        def __init__(self) -> None:
+            self.rows: dict[tuple[str, int], dict] = {}
+            self.seen: set[str] = set()
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        def add(self, trial: Any, result: dict) -> None:
             row = {**space.point(trial.config), **_row(result, cfg), **extra, "trial_id": trial.trial_id}
             self.rows[(trial.trial_id, result.get("training_iteration", 0))] = row
+            self.seen.add(trial.trial_id)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            self.add(trial, result)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            from types import SimpleNamespace
+
+            from alignment import search  # this process's module (the class may have been pickled by value)
+
+            for t in trials:  # finished before a restore: they report nothing again
+                if t.status == "TERMINATED" and t.trial_id not in self.seen:
+                    for result in _read_reports(SimpleNamespace(filesystem=t.storage.storage_filesystem,
+                                                                path=t.path)):
+                        self.add(t, result)
             try:
-                on_rows(list(self.rows.values()))
+                search._LISTENERS.get(name, lambda rows: None)(list(self.rows.values()))
             except Exception as e:  # noqa: BLE001 - a report that fails to refresh must not stop the search
                 log.warning("the report could not be refreshed: %s", e)
 
@@ -315,7 +337,7 @@ def _progress(space: Space, cfg: ExperimentConfig, extra: dict[str, Any], on_row
     return Progress()
 
 
-def _tuner(cfg: ExperimentConfig, space: Space, name: str, storage: str, trial_fn: Callable, on_rows: Callable,
+def _tuner(cfg: ExperimentConfig, space: Space, name: str, storage: str, trial_fn: Callable,
            extra: dict[str, Any]) -> Any:
     """The Tune experiment ``name`` under ``storage``: restored where it exists, else new."""
     from ray import tune
@@ -346,7 +368,7 @@ def _tuner(cfg: ExperimentConfig, space: Space, name: str, storage: str, trial_f
         steps = [int(x) for x in space.steps]
         scheduler = ASHAScheduler(time_attr="sft_step", metric="metric", mode="max", max_t=max(steps),
                                   grace_period=min(steps), reduction_factor=s.reduction_factor)
-    callbacks = [_progress(space, cfg, extra, on_rows)]
+    callbacks = [_progress(name, space, cfg, extra)]
     if s.mlflow_tracking_uri:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -377,15 +399,20 @@ def run_search(cfg: ExperimentConfig, trial_fn: Callable, storage: str,
     space = Space.of(cfg)
     name = experiment_name(cfg)
     own = {"selection": selection_name(cfg), "selection_seed": None, "baseline": False}
-    with _hidden(TUNE_COPIES):
-        rows = _rows(_tuner(cfg, space, name, storage, trial_fn, on_rows, own).fit(), space, cfg, own)
-        timings = {"search_seconds": round(time.time() - started, 3)}
-        if cfg.search.baseline_selection == "random":
-            base = space.baseline(cfg)
-            extra = {"selection": "random", "baseline": True}
-            grid = _tuner(cfg, base, f"{name}-random", storage, trial_fn, lambda r: on_rows(rows + r), extra).fit()
-            rows += _rows(grid, base, cfg, extra)
-            timings["baseline_seconds"] = round(time.time() - started - timings["search_seconds"], 3)
+    _LISTENERS[name] = on_rows
+    try:
+        with _hidden(TUNE_COPIES):
+            rows = _rows(_tuner(cfg, space, name, storage, trial_fn, own).fit(), space, cfg, own)
+            timings = {"search_seconds": round(time.time() - started, 3)}
+            if cfg.search.baseline_selection == "random":
+                base = space.baseline(cfg)
+                extra = {"selection": "random", "baseline": True}
+                _LISTENERS[f"{name}-random"] = lambda r: on_rows(rows + r)
+                rows += _rows(_tuner(cfg, base, f"{name}-random", storage, trial_fn, extra).fit(), base, cfg, extra)
+                timings["baseline_seconds"] = round(time.time() - started - timings["search_seconds"], 3)
+    finally:
+        _LISTENERS.pop(name, None)
+        _LISTENERS.pop(f"{name}-random", None)
     timings["seconds"] = round(time.time() - started, 3)
     return rows, timings
 

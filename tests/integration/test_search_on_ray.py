@@ -44,6 +44,16 @@ def stand_in(cfg) -> dict:
             "sft_metric": value / 3, "select_seed": cfg.select.seed}
 
 
+def best_first(cfg) -> dict:
+    """The stand-in, reporting the better points sooner at the first SFT step: ASHA (rung cutoff: the median of the
+    results recorded there before) stops a trial only if a better one reached the rung first, and two trials at once
+    would otherwise arrive in any order (in ascending order of metric, none is stopped)."""
+    out = stand_in(cfg)
+    if cfg.pref.sft_step == 2 and cfg.select.scorers != ["random"]:
+        time.sleep(3 * max(0.0, 1.6 - out["metric"]))
+    return out
+
+
 def _config(tmp_path: Path, *overrides: str):
     return load_config(None, [f"run_dir={tmp_path / 'run'}", "name=machinery", "sft.max_steps=6",
                               "sft.save_at=[2,4]", "pref.eval_rows=4", "search.metric=pref_margin",
@@ -58,7 +68,7 @@ def test_optuna_with_asha_stops_trials_early_two_at_a_time_beside_a_random_basel
                   f"search.mlflow_tracking_uri=file:{tmp_path / 'mlruns'}")
     storage = str(tmp_path / "run" / "search")
     refreshed: list[int] = []
-    rows, timings = search.run_search(cfg, stand_in, storage, on_rows=lambda r: refreshed.append(len(r)))
+    rows, timings = search.run_search(cfg, best_first, storage, on_rows=lambda r: refreshed.append(len(r)))
     own = [r for r in rows if not r["baseline"]]
     trials = {r["trial_id"] for r in own}
     assert len(trials) == 5 and not any(r.get("error") for r in rows)
@@ -119,7 +129,13 @@ def slow(cfg):
 import ray
 ray.init(num_cpus=2, include_dashboard=False, _temp_dir={temp!r})  # its own temp dir: stop_head finds it
 cfg = load_config({config!r})
-rows, _ = search.run_search(cfg, slow, {storage!r})
+refreshed = sys.argv[1]  # a file of its own per driver: the report refresh must be this driver's
+
+def refresh(rows):
+    with open(refreshed, "w") as f:
+        json.dump(sorted([r["k"], r["sft_step"]] for r in rows), f)
+
+rows, _ = search.run_search(cfg, slow, {storage!r}, on_rows=refresh)
 json.dump(rows, open({out!r}, "w"))
 """
 
@@ -138,8 +154,8 @@ def test_a_killed_search_restores_without_rerunning_its_finished_trials(tmp_path
         storage=str(tmp_path / "run" / "search"), out=str(out))))
     env = {**os.environ, "SLOW": "1", "PYTHONPATH": str(ROOT)}
     err = open(tmp_path / "driver.err", "w")
-    driver = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=err)
+    driver = subprocess.Popen([sys.executable, str(script), str(tmp_path / "refreshed-1.json")], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -160,8 +176,8 @@ def test_a_killed_search_restores_without_rerunning_its_finished_trials(tmp_path
     assert done and (32, 2) not in done and not out.exists()
     env.pop("SLOW")
     try:
-        again = subprocess.run([sys.executable, str(script)], env=env, timeout=600, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+        again = subprocess.run([sys.executable, str(script), str(tmp_path / "refreshed-2.json")], env=env, timeout=600,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     finally:
         stop_head(temp)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -174,3 +190,5 @@ def test_a_killed_search_restores_without_rerunning_its_finished_trials(tmp_path
     assert sorted((r["k"], r["sft_step"]) for r in rows) == sorted(points)
     for r in rows:
         assert r["metric"] == pytest.approx(stand_in(cfg.at(r))["metric"])
+    # The restored search refreshed its own driver's report, with the rows of the trial finished before the kill.
+    assert json.loads((tmp_path / "refreshed-2.json").read_text()) == [[8, 2], [32, 2]]
