@@ -8,6 +8,7 @@ configs and inputs are the same. ``run_experiment`` runs the search over every p
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,6 +37,11 @@ class PipelineError(AlignmentError, RuntimeError):
 
 def _run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run_dir).resolve()
+
+
+def _logprobs_dir(cfg: ExperimentConfig) -> str:
+    """Where the held-out scoring keeps each model's log-probabilities, for every stage of the run."""
+    return str(_run_dir(cfg) / "logprobs")
 
 
 def _storage(cfg: ExperimentConfig, stage_dir: Path) -> str:
@@ -159,7 +165,8 @@ def _fit(cfg: ExperimentConfig, d: Path, method: str, rows: list[dict], held: li
     try:
         return train.fit(method, slim(rows), start, settings, save_steps, _storage(cfg, d), res,
                          cfg.model.chat_template, eval_rows=slim(held),
-                         heldout_rows=slim(heldout_rows) if heldout_rows else None, heldout_fn=heldout.heldout)
+                         heldout_rows=slim(heldout_rows) if heldout_rows else None,
+                         heldout_fn=functools.partial(heldout.heldout, cache_dir=_logprobs_dir(cfg)))
     except train.NonFiniteError as e:
         _write_jsonl(d / "metrics.jsonl", e.history)
         train.write_tensorboard(e.history, d / "tensorboard")
@@ -286,7 +293,7 @@ def _heldout(cfg: ExperimentConfig, policy: str, reference: str, held: list[dict
     task = ray.remote(heldout.heldout).options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0,
                                                scheduling_strategy="DEFAULT")
     return ray.get(task.remote(policy, reference, rows, max_length, cfg.model.chat_template, res.use_gpu,
-                               res.cpus_per_worker))
+                               res.cpus_per_worker, _logprobs_dir(cfg)))
 
 
 def eval_prompts(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:

@@ -14,8 +14,9 @@ its SFT and DPO batch, lengths and rates, its generate section, 16 held-out pair
   (wall(N) - wall(1)) / (N - 1); fixed: wall(1) - per step. The phases come from ``fit``'s facts
   (``timings``: spawn, boot, imports, load, tokenization, trainer set-up, train, save, report, end);
 - ``heldout``: the held-out margin of the DPO checkpoint against its start on 16 pairs as the pref stage scores it
-  (``alignment.evaluate.heldout.heldout`` in a Ray task with a training worker's CPUs); then the same call in this
-  process (warm: imports done), which is what scoring inside an already-warm process would cost;
+  (``alignment.evaluate.heldout.heldout`` in a Ray task with a training worker's CPUs); then the same task with the
+  run's log-probabilities cache empty and full (what an SFT checkpoint alone costs once a preference run from it
+  and another checkpoint's have scored its and model.base's);
 - ``generate``: ``alignment.evaluate.generate.generate`` (Ray Data actors of the generate section) on ``--prompts``
   eval prompts with 1 and with ``--new-tokens`` new tokens; per token: the difference over the extra tokens. Its
   fixed part is split by running the same ``map_batches`` actor pool with probe actors: one that does nothing
@@ -250,6 +251,17 @@ def main() -> int:
         remote = time.perf_counter() - t
         print(f"heldout ({len(held)} pairs) as the pref stage scores it, a Ray task after fit: {remote:.1f} s; "
               f"margin {scores['pref_margin']!r}, accuracy {scores['pref_accuracy']}")
+        # The same task with the run's log-probabilities cache, empty then holding both models' (as an SFT
+        # checkpoint alone finds it after a preference run from it and another checkpoint against model.base).
+        cached = {}
+        for state in ("empty", "full"):
+            t = time.perf_counter()
+            got = ray.get(task.remote(policy, path, held, cfg.pref.max_length, cfg.model.chat_template, False,
+                                      res.cpus_per_worker, str(tmp / "logprobs")))
+            cached[state] = time.perf_counter() - t
+            assert got == scores, (got, scores)
+        print(f"  with the log-probabilities cache: empty {cached['empty']:.1f} s, both models there "
+              f"{cached['full']:.1f} s ({cached['full'] / cached['empty']:.2f}x); the same scores")
         after = runs["dpo"]["after"][args.steps]
         inside = after["run"].get("heldout")
         if inside is not None:

@@ -10,11 +10,18 @@ training (CPO, SimPO, ORPO) too, so that points with different methods compare o
 Log-probabilities are summed over the answer's tokens as the trainers tokenise them: the prompt in the chat
 template with the generation prompt, the answer as the rest of the templated conversation, cut at
 ``max_length`` (the training stage's); the rows that reach here were checked to keep an answer token.
+
+A search scores the same held-out pairs with the same weights many times: model.base as the reference of every SFT
+checkpoint alone, and each SFT checkpoint first as a preference run's reference and then alone. With a
+``cache_dir`` each model's log-probabilities are kept there by the weights' fingerprint and the token ids, so
+each is computed once per run, and a model whose log-probabilities are there is not loaded.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,12 +65,46 @@ def answer_logps(model: Any, tok: Any, items: list[tuple[list[int], int]], batch
     return out
 
 
+def pair_items(tok: Any, pairs: list[dict], max_length: int) -> list[tuple[list[int], int]]:
+    """The sequences :func:`answer_logps` scores for ``pairs``: each pair's chosen, then its rejected."""
+    return [encode(tok, p["prompt"], p[key], max_length) for p in pairs for key in ("chosen", "rejected")]
+
+
+def pair_margins(policy_logps: np.ndarray, reference_logps: np.ndarray) -> np.ndarray:
+    """Each pair's implicit-reward margin: (log pi(w) - log ref(w)) - (log pi(l) - log ref(l))."""
+    diff = policy_logps - reference_logps
+    return diff[0::2] - diff[1::2]
+
+
 def margins(policy: Any, reference: Any, tok: Any, pairs: list[dict], max_length: int,
             batch_size: int = 8) -> np.ndarray:
-    """Each pair's implicit-reward margin: (log pi(w) - log ref(w)) - (log pi(l) - log ref(l))."""
-    items = [encode(tok, p["prompt"], p[key], max_length) for p in pairs for key in ("chosen", "rejected")]
-    diff = answer_logps(policy, tok, items, batch_size) - answer_logps(reference, tok, items, batch_size)
-    return diff[0::2] - diff[1::2]
+    """:func:`pair_margins` of two loaded models."""
+    items = pair_items(tok, pairs, max_length)
+    return pair_margins(answer_logps(policy, tok, items, batch_size), answer_logps(reference, tok, items, batch_size))
+
+
+def model_logps(path: str, tok: Any, items: list[tuple[list[int], int]], use_gpu: bool = False,
+                cache_dir: str | None = None) -> np.ndarray:
+    """:func:`answer_logps` of the model at ``path``, read from ``cache_dir`` where it was computed before (the same
+    weights by fingerprint, the same token ids, the same device), else computed and kept there."""
+    from ..manifest import digest, fingerprint
+
+    file = None
+    if cache_dir:
+        file = Path(cache_dir) / f"{fingerprint(path)}-{digest([items, use_gpu])}.npy"
+        if file.is_file():
+            return np.load(file)
+    from .. import models
+
+    model, _ = models.load_for_generation(path, use_gpu)
+    out = answer_logps(model, tok, items)
+    if file:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:  # np.save on a name would add its own suffix
+            np.save(f, out)
+        os.replace(tmp, file)  # atomic: a concurrent reader sees the whole array or none
+    return out
 
 
 def summary(m: np.ndarray, unpaired: int = 0) -> dict[str, Any]:
@@ -80,9 +121,11 @@ def summary(m: np.ndarray, unpaired: int = 0) -> dict[str, Any]:
 
 
 def heldout(policy_path: str, reference_path: str, rows: list[dict], max_length: int,
-            chat_template: str | None = None, use_gpu: bool = False, threads: int = 1) -> dict[str, Any]:
+            chat_template: str | None = None, use_gpu: bool = False, threads: int = 1,
+            cache_dir: str | None = None) -> dict[str, Any]:
     """Held-out preference accuracy and margin of the model at ``policy_path`` against ``reference_path`` on the
-    paired ``rows`` (``{prompt, chosen, rejected}``; unpaired rows are counted, not compared)."""
+    paired ``rows`` (``{prompt, chosen, rejected}``; unpaired rows are counted, not compared); one model in memory
+    at a time, each model's log-probabilities kept in ``cache_dir`` (:func:`model_logps`)."""
     import torch
 
     from .. import models
@@ -92,6 +135,6 @@ def heldout(policy_path: str, reference_path: str, rows: list[dict], max_length:
         return summary(np.zeros(0), len(rows))
     torch.set_num_threads(max(1, math.ceil(threads)))
     tok = models.tokenizer(policy_path, chat_template)
-    policy, _ = models.load_for_generation(policy_path, use_gpu)
-    reference, _ = models.load_for_generation(reference_path, use_gpu)
-    return summary(margins(policy, reference, tok, pairs, max_length), len(rows) - len(pairs))
+    items = pair_items(tok, pairs, max_length)
+    logps = [model_logps(path, tok, items, use_gpu, cache_dir) for path in (policy_path, reference_path)]
+    return summary(pair_margins(*logps), len(rows) - len(pairs))

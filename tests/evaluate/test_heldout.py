@@ -65,3 +65,32 @@ def test_accuracy_counts_positive_margins_and_no_pair_is_a_null_with_its_reason(
     assert "unpaired" in unpaired["heldout_reason"]
     bad = heldout.summary(np.array([1.0, math.nan]))
     assert bad["pref_accuracy"] is None and "not finite" in bad["heldout_reason"]
+
+
+def test_a_models_log_probabilities_are_computed_once_per_cache(tiny_model, tmp_path, pref_pairs, monkeypatch):
+    import shutil
+
+    import torch
+
+    other = str(tmp_path / "other")  # the same tokenizer, other weights
+    shutil.copytree(tiny_model, other)
+    model, _ = models.load_for_generation(other, False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    loaded = []
+    load = models.load_for_generation
+    monkeypatch.setattr(models, "load_for_generation", lambda path, gpu: loaded.append(path) or load(path, gpu))
+    cache = str(tmp_path / "logprobs")
+    want = heldout.heldout(other, str(tiny_model), pref_pairs[:4], 64)
+    assert loaded == [other, str(tiny_model)]
+    first = heldout.heldout(other, str(tiny_model), pref_pairs[:4], 64, cache_dir=cache)
+    assert first == want and len(list((tmp_path / "logprobs").glob("*.npy"))) == 2
+    loaded.clear()
+    # The same reference against another policy, then the same policy on other pairs: only what is new is loaded.
+    again = heldout.heldout(str(tiny_model), str(tiny_model), pref_pairs[:4], 64, cache_dir=cache)
+    assert loaded == [] and again["pref_margin"] == 0.0
+    more = heldout.heldout(other, str(tiny_model), pref_pairs[:6], 64, cache_dir=cache)
+    assert loaded == [other, str(tiny_model)] and more["heldout_pairs"] == 6
+    assert len(list((tmp_path / "logprobs").glob("*.npy"))) == 4

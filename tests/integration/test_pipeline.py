@@ -69,6 +69,9 @@ def test_one_point_then_the_search_and_report(ray_local, tmp_path, tiny_model):
     assert all(r["heldout_pairs"] == 4 and r["metric"] == r["pref_accuracy"] is not None for r in out["results"])
     # The SFT checkpoint alone, scored on the same held-out pairs against the base model (a stage per step).
     assert all(r["sft_metric"] is not None for r in out["results"]) and len(manifests(run, "sft_eval")) == 2
+    # Each model's log-probabilities on them computed once: two trained, two SFT checkpoints (a preference run's
+    # reference, then alone), the base model (the reference of both checkpoints alone).
+    assert len(list((run / "logprobs").glob("*.npy"))) == 5
     assert len(manifests(run, "select")) == 1 and len(manifests(run, "sft")) == 1
     prefs = manifests(run, "pref")
     assert sorted(p["outputs"]["start"]["sft_step"] for p in prefs) == [2, 4]
