@@ -200,10 +200,11 @@ def selection_name(cfg: ExperimentConfig) -> str:
     return "+".join(cfg.select.rank_by or cfg.select.scorers[:1])
 
 
-def _read_reports(result: Any) -> list[dict[str, Any]]:
-    """Every result a trial reported, from its ``result.json`` in the experiment's storage (local or cloud)."""
+def _read_reports(filesystem: Any, path: str | None) -> list[dict[str, Any]]:
+    """Every result a trial reported, from its ``result.json`` under ``path`` in the experiment's storage (a
+    pyarrow filesystem: local or cloud)."""
     try:
-        with result.filesystem.open_input_stream(f"{result.path}/result.json") as f:
+        with filesystem.open_input_stream(f"{path}/result.json") as f:
             text = f.read().decode()
     except (FileNotFoundError, OSError):
         return []
@@ -215,7 +216,7 @@ def _rows(grid: Any, space: Space, cfg: ExperimentConfig, extra: dict[str, Any])
     rows = []
     for r in grid:
         point = space.point(r.config)
-        reported = sorted(_read_reports(r), key=lambda x: x.get("training_iteration", 0))
+        reported = sorted(_read_reports(r.filesystem, r.path), key=lambda x: x.get("training_iteration", 0))
         trial_id = reported[0]["trial_id"] if reported else (r.metrics or {}).get("trial_id")
         planned = list(space.steps) if space.walk else [point["sft_step"]]
         done = [_row(x, cfg) for x in reported]
@@ -318,14 +319,11 @@ def _progress(name: str, space: Space, cfg: ExperimentConfig, extra: dict[str, A
             self.add(trial, result)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            from types import SimpleNamespace
-
             from alignment import search  # this process's module (the class may have been pickled by value)
 
             for t in trials:  # finished before a restore: they report nothing again
                 if t.status == "TERMINATED" and t.trial_id not in self.seen:
-                    for result in _read_reports(SimpleNamespace(filesystem=t.storage.storage_filesystem,
-                                                                path=t.path)):
+                    for result in _read_reports(t.storage.storage_filesystem, t.path):
                         self.add(t, result)
             try:
                 search._LISTENERS.get(name, lambda rows: None)(list(self.rows.values()))
